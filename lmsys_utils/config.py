@@ -1,0 +1,113 @@
+"""The settings of one run. Defaults are a real Kaggle TPU run of Llama-3-8B; tests shrink them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class Config:
+    # --- data ---
+    train_path: str = "/kaggle/input/lmsys-chatbot-arena/train.csv"
+    """Competition-format training CSV."""
+    test_path: str = "/kaggle/input/lmsys-chatbot-arena/test.csv"
+    """Competition-format test CSV (no labels) to predict."""
+    output_dir: str = "/kaggle/working/run"
+    """Where the adapter, checkpoints, history and figures go."""
+    valid_frac: float = 0.05
+    """Share of rows held out for validation (grouped by prompt, stratified by label)."""
+    max_train_rows: int | None = None
+    """Use only the first N training rows after shuffling (None: all)."""
+
+    # --- text ---
+    max_length: int = 1024
+    """Tokens per row after budgeted truncation; every training batch is padded to this on XLA."""
+    prompt_share: float = 0.3
+    """Most of max_length the prompt may take when a row is too long; A and B share the rest equally."""
+    keep_tail: int = 0
+    """Tokens kept from the end of a truncated part (0: keep only the head)."""
+
+    # --- model ---
+    model: str = "meta-llama/Meta-Llama-3-8B-Instruct"
+    """Hub id or local directory of the base model (e.g. /kaggle/input/llama-3/transformers/8b-chat-hf/1)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on TPU, fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    lora_targets: tuple | None = None
+    """Module names LoRA adapts (None: the architecture's default, e.g. q/k/v/o projections)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+
+    # --- training ---
+    epochs: float = 1.0
+    """Passes over the training set (fractions allowed)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    batch_size: int = 16
+    """Rows per optimizer step across all devices (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 128
+    """Linear warmup steps before the schedule."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    grad_clip: float | None = 1.0
+    """Clip the gradient norm to this (None: no clipping)."""
+    swap_augment: bool = False
+    """Add every training row again with A and B swapped (labels follow)."""
+    log_every: int = 10
+    """Steps between progress-bar refreshes; the loss is read from the device only then."""
+    eval_every: int | None = 200
+    """Steps between validation runs (None: only at the end)."""
+    save_every: int | None = 200
+    """Steps between checkpoints (None: only at the end)."""
+    resume: bool = False
+    """Continue from the last checkpoint in output_dir."""
+    seed: int = 42
+    """Seed for the split, shuffling and LoRA init."""
+
+    # --- prediction ---
+    predict_batch_tokens: int = 16384
+    """Token budget per inference batch (rows x padded length)."""
+    tta: bool = False
+    """Average the prediction with the A/B-swapped one (doubles inference time)."""
+
+    def __post_init__(self):
+        checks = {
+            "max_length": self.max_length >= 16,
+            "prompt_share": 0 < self.prompt_share < 1,
+            "valid_frac": 0 <= self.valid_frac < 1,
+            "batch_size": self.batch_size >= 1,
+            "grad_accum": self.grad_accum >= 1,
+            "lr": self.lr > 0,
+            "epochs": self.epochs > 0,
+            "log_every": self.log_every >= 1,
+            "lora_r": self.lora_r >= 1,
+            "dtype": self.dtype in ("auto", "bf16", "fp16", "fp32"),
+            "schedule": self.schedule in ("cosine", "linear", "constant"),
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
+            raise ValueError(f"invalid Config field(s): {values}; see the field docs in lmsys_utils/config.py")
+        if self.lora_targets is not None:
+            self.lora_targets = tuple(self.lora_targets)
+
+    def save(self, path) -> None:
+        """Write the settings as JSON (the config holds no secrets)."""
+        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path) -> "Config":
+        return cls(**json.loads(Path(path).read_text()))

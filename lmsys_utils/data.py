@@ -1,0 +1,272 @@
+"""Read and validate the Arena CSVs: parsed conversations, labels, a grouped split and the A/B swap."""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+TEXT_COLUMNS = ("prompt", "response_a", "response_b")
+LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
+CLASS_NAMES = ("model_a", "model_b", "tie")
+_SWAP_PAIRS = (("response_a", "response_b"), ("model_a", "model_b"), ("winner_model_a", "winner_model_b"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class ArenaDataError(ValueError):
+    """A data file the project cannot use as it is; the message says where and how to fix it."""
+
+
+@dataclasses.dataclass
+class DataSummary:
+    """What loading a file found: counts a user should see before training on it."""
+
+    path: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    dropped: dict = dataclasses.field(default_factory=dict)  # reason -> list of ids
+    labeled: bool = False
+    soft_label_rows: int = 0
+    label_counts: dict = dataclasses.field(default_factory=dict)
+    multi_turn_rows: int = 0
+    turn_count_mismatches: int = 0
+    null_turns: int = 0
+    empty_responses: int = 0
+    identical_responses: int = 0
+    surrogates_removed: int = 0
+    invalid_utf8_bytes: int = 0
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.path}: {self.rows_read} rows read, {self.rows_kept} kept, "
+            f"{sum(len(v) for v in self.dropped.values())} dropped",
+        ]
+        for reason, ids in self.dropped.items():
+            shown = ", ".join(map(str, ids[:5])) + (" ..." if len(ids) > 5 else "")
+            lines.append(f"  dropped {len(ids)} ({reason}): ids {shown}")
+        if self.labeled:
+            total = max(sum(self.label_counts.values()), 1)
+            balance = ", ".join(f"{k} {v} ({v / total:.1%})" for k, v in self.label_counts.items())
+            lines.append(f"  labels: {balance}; soft-label rows: {self.soft_label_rows}")
+        else:
+            lines.append("  labels: none (a test file)")
+        lines += [
+            f"  multi-turn rows: {self.multi_turn_rows}; prompt/response turn-count mismatches: "
+            f"{self.turn_count_mismatches}",
+            f"  null turns (read as empty text): {self.null_turns}; rows with an empty response: "
+            f"{self.empty_responses}; identical A/B responses: {self.identical_responses}",
+            f"  lone UTF-16 surrogates removed: {self.surrogates_removed}; invalid UTF-8 bytes replaced: "
+            f"{self.invalid_utf8_bytes}",
+        ]
+        return "\n".join(lines)
+
+
+def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSummary]:
+    """Read a competition-format CSV (train.csv, test.csv or one with extra columns).
+
+    Returns the rows with `prompt`, `response_a`, `response_b` parsed into lists of strings and, for
+    labeled files, float label columns plus an integer `label` (0 A, 1 B, 2 tie; argmax for soft
+    labels), and a summary of what was found.
+
+    Args:
+        drop_invalid: drop rows with bad cells or labels (reported in the summary by id) instead of
+            raising. Missing columns, duplicate ids and unreadable files always raise.
+    """
+    path = Path(path)
+    summary = DataSummary(path=str(path))
+    df = _read_csv(path, summary)
+    missing = [c for c in ("id", *TEXT_COLUMNS) if c not in df.columns]
+    label_cols = [c for c in LABEL_COLUMNS if c in df.columns]
+    if label_cols and len(label_cols) < len(LABEL_COLUMNS):
+        missing += [c for c in LABEL_COLUMNS if c not in df.columns]
+    if missing:
+        raise ArenaDataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}. "
+            "The file needs id, prompt, response_a, response_b (and all three winner_* columns for training)."
+        )
+    summary.labeled = bool(label_cols)
+    summary.rows_read = len(df)
+    df["id"] = _parse_ids(df["id"], path)
+
+    problems = []  # (row number, id, column, message)
+    parsed = {c: [] for c in TEXT_COLUMNS}
+    for i, row in enumerate(df.itertuples(index=False)):
+        for col in TEXT_COLUMNS:
+            turns, err = _parse_turns(getattr(row, col), summary)
+            if err:
+                problems.append((i + 1, row.id, col, err))
+            parsed[col].append(turns)
+    for col in TEXT_COLUMNS:
+        df[col] = parsed[col]
+    if summary.labeled:
+        problems += _check_labels(df, summary)
+
+    bad_rows = sorted({p[0] for p in problems})
+    if problems and not drop_invalid:
+        shown = "\n".join(f"  row {r}, id {i}, column {c}: {m}" for r, i, c, m in problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise ArenaDataError(
+            f"{path}: {len(problems)} invalid cell(s) in {len(bad_rows)} row(s) (rows count from 1 after "
+            f"the header):\n{shown}{more}\nFix these cells, or load with drop_invalid=True "
+            "(`check-data --drop-invalid`) to drop the rows and report their ids."
+        )
+    for r, row_id, col, msg in problems:
+        reason = f"invalid {col}"
+        if row_id not in summary.dropped.get(reason, []):
+            summary.dropped.setdefault(reason, []).append(row_id)
+    df = df.drop(index=[r - 1 for r in bad_rows]).reset_index(drop=True)
+
+    if summary.labeled:
+        labels = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+        df["label"] = labels.argmax(axis=1)
+        counts = Counter(df["label"])
+        summary.label_counts = {name: int(counts.get(k, 0)) for k, name in enumerate(CLASS_NAMES)}
+    _count_shapes(df, summary)
+    summary.rows_kept = len(df)
+    return df, summary
+
+
+def _read_csv(path: Path, summary: DataSummary) -> pd.DataFrame:
+    if not path.is_file():
+        raise ArenaDataError(f"{path}: no such file. Point --data at the competition's train.csv or test.csv.")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ArenaDataError(f"{path}: the file is empty; expected a CSV with a header row and data rows.")
+
+    def _count_replace(err):
+        summary.invalid_utf8_bytes += err.end - err.start
+        return "\ufffd", err.end
+
+    codecs.register_error("lmsys_count_replace", _count_replace)
+    text = raw.decode("utf-8-sig", errors="lmsys_count_replace")
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    except pd.errors.ParserError as e:
+        raise ArenaDataError(f"{path}: not a readable CSV ({e}). Check quoting of the text columns.") from None
+    if df.empty:
+        raise ArenaDataError(f"{path}: the file has a header but no data rows.")
+    return df
+
+
+def _parse_ids(ids: pd.Series, path: Path) -> pd.Series:
+    numeric = pd.to_numeric(ids, errors="coerce")
+    if numeric.notna().all() and (numeric == numeric.round()).all():
+        ids = numeric.astype("int64")
+    dup = ids[ids.duplicated(keep=False)]
+    if len(dup):
+        rows = ", ".join(f"row {r + 1} id {v}" for r, v in dup.head(6).items())
+        raise ArenaDataError(
+            f"{path}: {dup.nunique()} duplicate id(s) ({rows}); each row needs a unique id. "
+            "Remove the repeated rows or renumber them."
+        )
+    return ids
+
+
+def _parse_turns(cell: str, summary: DataSummary) -> tuple[list[str], str | None]:
+    """A JSON list of strings -> list of str; null turns become "", lone surrogates are removed."""
+    try:
+        value = json.loads(cell, strict=False)
+    except (json.JSONDecodeError, TypeError):
+        snippet = (cell[:60] + "...") if len(cell) > 60 else cell
+        return [], f"not valid JSON ({snippet!r}); expected a JSON list of strings such as [\"hi\"]"
+    if not isinstance(value, list) or not all(v is None or isinstance(v, str) for v in value):
+        return [], f"JSON {type(value).__name__} but expected a list of strings (one per turn)"
+    turns = []
+    for v in value:
+        if v is None:
+            summary.null_turns += 1
+            v = ""
+        v, n = _SURROGATE.subn("", v)
+        summary.surrogates_removed += n
+        turns.append(v)
+    return turns, None
+
+
+def _check_labels(df: pd.DataFrame, summary: DataSummary) -> list:
+    problems = []
+    values = df[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    for i, (row_id, row) in enumerate(zip(df["id"], values.to_numpy(dtype=np.float64))):
+        bad = [c for c, v in zip(LABEL_COLUMNS, row) if not np.isfinite(v) or v < 0 or v > 1]
+        if bad:
+            raw = df.at[i, bad[0]]
+            problems.append((i + 1, row_id, bad[0], f"label {raw!r} is not a number in [0, 1]"))
+        elif abs(row.sum() - 1) > 1e-3:
+            col = ",".join(LABEL_COLUMNS)
+            problems.append((i + 1, row_id, col, f"labels {row.tolist()} must sum to 1 (exactly one winner)"))
+        elif not np.isin(row, (0.0, 1.0)).all():
+            summary.soft_label_rows += 1
+    df[list(LABEL_COLUMNS)] = values
+    return problems
+
+
+def _count_shapes(df: pd.DataFrame, summary: DataSummary) -> None:
+    n_prompt = df["prompt"].map(len)
+    summary.multi_turn_rows = int((n_prompt > 1).sum())
+    summary.turn_count_mismatches = int(
+        ((df["response_a"].map(len) != n_prompt) | (df["response_b"].map(len) != n_prompt)).sum()
+    )
+    empty = df["response_a"].map(_is_empty) | df["response_b"].map(_is_empty)
+    summary.empty_responses = int(empty.sum())
+    summary.identical_responses = int((df["response_a"] == df["response_b"]).sum())
+
+
+def _is_empty(turns: list[str]) -> bool:
+    return not any(t.strip() for t in turns)
+
+
+def swap_ab(df: pd.DataFrame) -> pd.DataFrame:
+    """Exchange responses, model names and A/B labels (a tie stays a tie). Its own inverse.
+
+    Used by both swap augmentation in training and swap test-time augmentation.
+    """
+    out = df.copy()
+    for a, b in _SWAP_PAIRS:
+        if a in out.columns and b in out.columns:
+            out[a], out[b] = df[b], df[a]
+    if "label" in out.columns:
+        # class ids follow the columns: 0 (A wins) <-> 1 (B wins), 2 (tie) unchanged
+        out["label"] = df["label"].map({0: 1, 1: 0, 2: 2}).astype(df["label"].dtype)
+    return out
+
+
+def split_train_valid(df: pd.DataFrame, valid_frac: float = 0.1, seed: int = 0):
+    """Deterministic split, stratified by label and grouped by prompt text.
+
+    The same prompt recurs across battles; all its rows go to one side so validation measures
+    generalisation to new prompts.
+    """
+    if not 0 < valid_frac < 1:
+        raise ValueError(f"valid_frac must be between 0 and 1, got {valid_frac}")
+    key = df["prompt"].map(lambda turns: "\x1e".join(turns))
+    groups = pd.DataFrame({"key": key, "label": df["label"] if "label" in df else 0})
+    # each prompt group is stratified by its most common label
+    group_label = groups.groupby("key")["label"].agg(lambda s: s.value_counts().index[0])
+    group_size = groups.groupby("key").size()
+    rng = np.random.default_rng(seed)
+    valid_keys = set()
+    for _, keys in group_label.groupby(group_label):
+        order = rng.permutation(keys.index.to_numpy())
+        target = valid_frac * group_size[order].sum()
+        taken = 0
+        for k in order:
+            if taken >= target:
+                break
+            valid_keys.add(k)
+            taken += group_size[k]
+    is_valid = key.isin(valid_keys).to_numpy()
+    return df[~is_valid].reset_index(drop=True), df[is_valid].reset_index(drop=True)
+
+
+def to_competition_csv(df: pd.DataFrame, path) -> None:
+    """Write parsed rows back in the competition's format (JSON-encoded turn lists)."""
+    out = df.drop(columns=["label"], errors="ignore").copy()
+    for col in TEXT_COLUMNS:
+        out[col] = out[col].map(lambda turns: json.dumps(turns, ensure_ascii=False))
+    out.to_csv(path, index=False)

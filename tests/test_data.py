@@ -1,0 +1,232 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmsys_utils.data import (
+    LABEL_COLUMNS, ArenaDataError, load_arena, split_train_valid, swap_ab, to_competition_csv,
+)
+from lmsys_utils.demo import make_demo_data
+
+HEADER = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie"
+
+
+def _csv(tmp_path, rows, header=HEADER, name="train.csv", newline="\n"):
+    path = tmp_path / name
+    path.write_bytes((newline.join([header, *rows]) + newline).encode("utf-8"))
+    return path
+
+
+def _row(id_=1, prompt='"[""hi""]"', a='"[""hello""]"', b='"[""hey""]"', labels="1,0,0"):
+    return f"{id_},m1,m2,{prompt},{a},{b},{labels}"
+
+
+# --- the real sample ---
+
+def test_real_train_sample(arena_train_path):
+    df, summary = load_arena(arena_train_path)
+    assert len(df) == summary.rows_read == summary.rows_kept == 999
+    assert summary.label_counts == {"model_a": 352, "model_b": 352, "tie": 295}
+    assert summary.multi_turn_rows == 131
+    assert summary.soft_label_rows == 0
+    assert summary.null_turns > 0  # 13 responses hold JSON null entries
+    for col in ("prompt", "response_a", "response_b"):
+        assert df[col].map(lambda turns: isinstance(turns, list) and all(isinstance(t, str) for t in turns)).all()
+    raw = pd.read_csv(arena_train_path)
+    for col in ("prompt", "response_a", "response_b"):
+        # a literal backslash-n may remain only where the JSON itself escaped the backslash (code samples)
+        parsed = df[col].map(lambda turns: sum(t.count("\\n") for t in turns))
+        escaped = raw[col].str.count(r"(?<!\\)(?:\\\\)*\\\\n")  # an even run of backslashes, then n
+        assert (parsed == escaped).all(), f"a literal \\n escape survived in {col}"
+    assert df["response_a"].map(lambda turns: "\n" in "".join(turns)).mean() > 0.5
+    assert df["label"].tolist() == np.argmax(df[list(LABEL_COLUMNS)].to_numpy(), axis=1).tolist()
+
+
+def test_real_sample_naive_split_is_wrong(arena_train_path):
+    """The anchor's strip-and-split parse leaves escapes in most rows; ours leaves none."""
+    raw = pd.read_csv(arena_train_path)
+    naive = raw["response_a"].str.strip("[]").str.split('","')
+    assert naive.map(lambda parts: any("\\n" in p for p in parts)).mean() > 0.5
+
+
+def test_real_test_file(arena_test_path):
+    df, summary = load_arena(arena_test_path)
+    assert df["id"].tolist() == [136060, 211333, 1233961]
+    assert not summary.labeled and "label" not in df.columns
+
+
+def test_real_sample_check_data_cli(arena_train_path, capsys):
+    from lmsys_utils.cli import main
+
+    assert main(["check-data", str(arena_train_path)]) == 0
+    out = capsys.readouterr().out
+    assert "999 rows read, 999 kept, 0 dropped" in out and "multi-turn rows: 131" in out
+
+
+# --- bad input: a clear error (file, row, id, column) or handled and counted ---
+
+def test_malformed_json_names_row_id_and_column(tmp_path):
+    path = _csv(tmp_path, [_row(1), _row(7, a='"[""unterminated]"')])
+    with pytest.raises(ArenaDataError) as e:
+        load_arena(path)
+    msg = str(e.value)
+    assert str(path) in msg and "row 2" in msg and "id 7" in msg and "response_a" in msg and "JSON" in msg
+
+
+def test_json_but_not_a_list(tmp_path):
+    path = _csv(tmp_path, [_row(3, b='"{""a"": 1}"')])
+    with pytest.raises(ArenaDataError, match=r"row 1, id 3, column response_b: JSON dict"):
+        load_arena(path)
+
+
+def test_drop_invalid_reports_ids(tmp_path):
+    path = _csv(tmp_path, [_row(1), _row(2, a="not json"), _row(3, labels="1,1,0"), _row(4)])
+    df, summary = load_arena(path, drop_invalid=True)
+    assert df["id"].tolist() == [1, 4]
+    assert summary.rows_read == 4 and summary.rows_kept == 2
+    assert summary.dropped == {"invalid response_a": [2], "invalid winner_model_a,winner_model_b,winner_tie": [3]}
+    assert "dropped 1 (invalid response_a): ids 2" in str(summary)
+
+
+def test_missing_column(tmp_path):
+    path = _csv(tmp_path, ["1,m1,m2,x,0,1,0"], header="id,model_a,model_b,prompt,winner_model_a,winner_model_b,winner_tie")
+    with pytest.raises(ArenaDataError, match="missing column.*response_a, response_b"):
+        load_arena(path)
+
+
+def test_two_winners(tmp_path):
+    with pytest.raises(ArenaDataError, match=r"id 5.*must sum to 1"):
+        load_arena(_csv(tmp_path, [_row(5, labels="1,1,0")]))
+
+
+def test_nan_label(tmp_path):
+    with pytest.raises(ArenaDataError, match=r"id 6, column winner_model_b: label '' is not a number"):
+        load_arena(_csv(tmp_path, [_row(6, labels="0,,1")]))
+
+
+def test_soft_labels_accepted_and_counted(tmp_path):
+    df, summary = load_arena(_csv(tmp_path, [_row(1, labels="0.7,0.2,0.1"), _row(2, labels="0,0,1")]))
+    assert summary.soft_label_rows == 1
+    assert df["label"].tolist() == [0, 2]
+    assert df.loc[0, "winner_model_a"] == pytest.approx(0.7)
+
+
+def test_duplicate_ids(tmp_path):
+    with pytest.raises(ArenaDataError, match="duplicate id.*row 1 id 8.*row 2 id 8"):
+        load_arena(_csv(tmp_path, [_row(8), _row(8)]))
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_bytes(b"")
+    with pytest.raises(ArenaDataError, match="empty"):
+        load_arena(path)
+
+
+def test_header_only(tmp_path):
+    with pytest.raises(ArenaDataError, match="header but no data rows"):
+        load_arena(_csv(tmp_path, []))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ArenaDataError, match="no such file"):
+        load_arena(tmp_path / "nope.csv")
+
+
+def test_invalid_utf8_bytes_replaced_and_counted(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes((HEADER + "\n" + _row(1, a='"[""caf\xe9""]"') + "\n").encode("latin-1"))
+    df, summary = load_arena(path)
+    assert summary.invalid_utf8_bytes == 1
+    assert df.loc[0, "response_a"] == ["caf\ufffd"]
+
+
+def test_lone_surrogates_removed_and_counted(tmp_path):
+    df, summary = load_arena(_csv(tmp_path, [_row(1, a=r'"[""ok \ud83d done"", ""pair \ud83d\ude00""]"')]))
+    assert df.loc[0, "response_a"] == ["ok  done", "pair \U0001F600"]
+    assert summary.surrogates_removed == 1
+    df.loc[0, "response_a"][0].encode("utf-8")  # no lone surrogate left to break the tokenizer
+
+
+def test_null_turns_and_mismatch_counted(tmp_path):
+    df, summary = load_arena(_csv(tmp_path, [_row(1, a='"[null]"', b='"[""x"", ""y""]"')]))
+    assert df.loc[0, "response_a"] == [""]
+    assert summary.null_turns == 1 and summary.empty_responses == 1 and summary.turn_count_mismatches == 1
+
+
+def test_one_megabyte_response(tmp_path):
+    big = "x" * 1_000_000
+    df, _ = load_arena(_csv(tmp_path, [_row(1, a=f'"[""{big}""]"')]))
+    assert len(df.loc[0, "response_a"][0]) == 1_000_000
+
+
+def test_windows_line_endings(tmp_path):
+    path = _csv(tmp_path, [_row(1), _row(2, labels="0,0,1")], newline="\r\n")
+    df, summary = load_arena(path)
+    assert df["id"].tolist() == [1, 2] and df.loc[1, "label"] == 2
+    assert df.loc[0, "prompt"] == ["hi"]
+
+
+def test_extra_columns_kept_and_string_ids(tmp_path):
+    header = HEADER + ",source"
+    df, _ = load_arena(_csv(tmp_path, ["a1,m1,m2," + _row().split(",", 3)[3] + ",ext33k"], header=header))
+    assert df.loc[0, "id"] == "a1" and df.loc[0, "source"] == "ext33k"
+
+
+def test_check_data_cli_fails_on_bad_file(tmp_path, capsys):
+    from lmsys_utils.cli import main
+
+    assert main(["check-data", str(_csv(tmp_path, [_row(1, labels="1,1,0")]))]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+# --- swap, split, round trip ---
+
+def test_swap_ab_exchanges_sides():
+    df = make_demo_data(30, seed=1)
+    df["label"] = df[list(LABEL_COLUMNS)].to_numpy().argmax(axis=1)
+    s = swap_ab(df)
+    assert (s["response_a"] == df["response_b"]).all() and (s["model_b"] == df["model_a"]).all()
+    assert (s["winner_model_a"] == df["winner_model_b"]).all() and (s["winner_tie"] == df["winner_tie"]).all()
+    assert (s["label"] == df["label"].map({0: 1, 1: 0, 2: 2})).all()
+    assert (s["prompt"] == df["prompt"]).all()
+
+
+_turns = st.lists(st.one_of(st.text(max_size=20), st.just("")), min_size=1, max_size=3)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(_turns, _turns, _turns, st.sampled_from([0, 1, 2])), min_size=1, max_size=8))
+def test_swap_ab_is_its_own_inverse(rows):
+    df = pd.DataFrame([
+        {"id": i, "prompt": p, "response_a": a, "response_b": b, "model_a": f"m{i}", "model_b": "z",
+         **dict(zip(LABEL_COLUMNS, np.eye(3)[k])), "label": k}
+        for i, (p, a, b, k) in enumerate(rows)
+    ])
+    pd.testing.assert_frame_equal(swap_ab(swap_ab(df)), df)
+
+
+def test_split_is_grouped_stratified_and_deterministic(arena_train_path):
+    df, _ = load_arena(arena_train_path)
+    train, valid = split_train_valid(df, valid_frac=0.2, seed=3)
+    assert len(train) + len(valid) == len(df)
+    key = lambda d: set(d["prompt"].map(json.dumps))
+    assert not key(train) & key(valid), "a prompt sits on both sides of the split"
+    assert 0.15 < len(valid) / len(df) < 0.25
+    share = valid["label"].value_counts(normalize=True)
+    overall = df["label"].value_counts(normalize=True)
+    assert (abs(share - overall) < 0.05).all()
+    again_train, _ = split_train_valid(df, valid_frac=0.2, seed=3)
+    assert again_train["id"].tolist() == train["id"].tolist()
+
+
+def test_competition_csv_round_trip(tmp_path):
+    df = make_demo_data(50, seed=2)
+    to_competition_csv(df, tmp_path / "demo.csv")
+    back, summary = load_arena(tmp_path / "demo.csv")
+    assert back["response_a"].tolist() == [[t or "" for t in turns] for turns in df["response_a"]]
+    assert summary.rows_kept == 50
