@@ -6,8 +6,9 @@ EPS = 1e-15
 
 
 def normalize_probs(probs, eps: float = EPS) -> np.ndarray:
-    """Clip probabilities to [eps, 1 - eps] and rescale each row to sum to 1."""
-    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    """Rescale each row to sum to 1, clip to [eps, 1 - eps] so no log is infinite, and rescale again."""
+    p = np.asarray(probs, dtype=np.float64)
+    p = np.clip(p / p.sum(axis=1, keepdims=True), eps, 1 - eps)
     return p / p.sum(axis=1, keepdims=True)
 
 
