@@ -27,6 +27,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from .predict import predict
+
+    sub = predict(args.data, args.model, adapter=args.adapter, out=args.out, tta=args.tta,
+                  max_length=args.max_length, max_tokens=args.max_tokens, quantization=args.quantization,
+                  device_kind=args.device, rules=args.rules)
+    print(f"wrote {args.out}: {len(sub)} rows")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmsys_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--data", help="use this competition-format train CSV instead of the demo data")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("predict", help="predict a test CSV and write a checked submission",
+                       description="Load a base model (+ LoRA adapter), predict with length-sorted batches "
+                                   "(one model copy per GPU) and write id,winner_model_a,winner_model_b,winner_tie. "
+                                   "The HF token, when needed, comes from HF_TOKEN or a stored login.")
+    p.add_argument("--data", required=True, help="competition-format test CSV")
+    p.add_argument("--model", required=True, help="hub id or local directory of the base (or merged) model")
+    p.add_argument("--adapter", help="LoRA adapter directory written by training")
+    p.add_argument("--out", default="submission.csv", help="submission path (default: submission.csv)")
+    p.add_argument("--tta", action="store_true", help="average with the A/B-swapped prediction (2x time)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch (default: 16384)")
+    p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes weights (GPU)")
+    p.add_argument("--device", choices=["cuda", "xla", "cpu"], help="default: detected")
+    p.add_argument("--rules", action="store_true", help="identical/empty-response rules (measure them first)")
+    p.set_defaults(func=cmd_predict)
     return parser
 
 
