@@ -37,6 +37,17 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_preflight(args) -> int:
+    from .auth import AccessError, preflight
+
+    try:
+        print(preflight(args.model))
+    except AccessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmsys_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "xla", "cpu"], help="default: detected")
     p.add_argument("--rules", action="store_true", help="identical/empty-response rules (measure them first)")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("preflight", help="check that a model can be loaded (token, access, files) before downloading",
+                       description="For a hub id: find the token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the Kaggle "
+                                   "secret HF_TOKEN, the stored login) and check access without downloading. "
+                                   "For a local folder: check config.json, tokenizer and weights. Exits 1 with "
+                                   "what to do when the model cannot be used.")
+    p.add_argument("--model", required=True, help="hub id or local folder, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    p.set_defaults(func=cmd_preflight)
     return parser
 
 
