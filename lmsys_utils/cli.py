@@ -48,6 +48,45 @@ def cmd_preflight(args) -> int:
     return 0
 
 
+def cmd_eda(args) -> int:
+    from pathlib import Path
+
+    from .data import load_arena
+    from .demo import make_demo_data
+    from .plots import save_eda_figures, token_lengths
+
+    if args.data:
+        df, summary = load_arena(args.data)
+        print(summary)
+    else:
+        df = make_demo_data()
+        print("no --data given: using the project's synthetic demo data")
+    lengths = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        lengths = token_lengths(AutoTokenizer.from_pretrained(args.tokenizer), df)
+    paths = save_eda_figures(df, Path(args.out), lengths=lengths, max_lengths=args.max_length,
+                             top_n=args.top_n, tokenizer_name=Path(args.tokenizer or "").name)
+    print(f"wrote {len(paths)} figures to {args.out}: {', '.join(p.name for p in paths.values())}")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import KAGGLE_MISSING, build_bundle, install_line
+
+    packages = [] if args.no_packages else (args.package or list(KAGGLE_MISSING))
+    try:
+        out = build_bundle(args.out, packages=packages, kaggle_user=args.kaggle_user, slug=args.slug)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
+    print(f"upload it as the Kaggle dataset {args.kaggle_user}/{args.slug}; the notebook installs with:\n"
+          f"  {install_line(args.slug, packages)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmsys_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +127,32 @@ def build_parser() -> argparse.ArgumentParser:
                                    "what to do when the model cannot be used.")
     p.add_argument("--model", required=True, help="hub id or local folder, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
     p.set_defaults(func=cmd_preflight)
+
+    p = sub.add_parser("eda", help="write the exploratory figures of a training CSV as PNGs",
+                       description="Label balance, win/tie rate per model, response length by outcome, "
+                                   "verbosity and position bias, turns, duplicate prompts and (with --tokenizer) "
+                                   "how many rows each max_length truncates. One PNG per figure.")
+    p.add_argument("--data", help="competition-format train CSV (default: the synthetic demo data)")
+    p.add_argument("--out", default="runs/eda", help="folder for the PNGs (default: runs/eda)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub id to count tokens with (optional)")
+    p.add_argument("--max-length", type=int, nargs="+", default=[512, 1024, 2048],
+                   help="candidate max_length values to mark on the token-length figure (default: 512 1024 2048)")
+    p.add_argument("--top-n", type=int, default=15, help="models shown in the per-model figures (default: 15)")
+    p.set_defaults(func=cmd_eda)
+
+    p = sub.add_parser("bundle", help="make a folder of wheels to upload as a Kaggle dataset (offline install)",
+                       description="Build this project's wheel and download wheels of the packages the Kaggle "
+                                   "image lacks (pinned as in requirements.txt), plus dataset-metadata.json and "
+                                   "INSTALL.txt with the pip line the inference notebook runs with internet off. "
+                                   "Needs PyPI access and a clone of the project.")
+    p.add_argument("--out", default="runs/bundle", help="output folder (default: runs/bundle)")
+    p.add_argument("--kaggle-user", default="USERNAME", help="your Kaggle user name, for the dataset id")
+    p.add_argument("--slug", default="lmsys-utils-wheels",
+                   help="dataset slug; the notebook finds it at /kaggle/input/SLUG (default: lmsys-utils-wheels)")
+    p.add_argument("--package", action="append",
+                   help="a package to bundle (repeatable; default: bitsandbytes and peft)")
+    p.add_argument("--no-packages", action="store_true", help="bundle only this project's wheel")
+    p.set_defaults(func=cmd_bundle)
     return parser
 
 
