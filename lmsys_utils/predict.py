@@ -38,7 +38,7 @@ def predict_proba(model, tokenizer, df: pd.DataFrame, max_length: int = 1024, ma
         buckets: padded lengths on XLA (default: XLA_BUCKETS up to max_length, plus max_length).
     """
     from .batching import sorted_batches
-    from .device import detect
+    from .device import detect, num_data_shards
     from .text import encode_rows
 
     models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -50,8 +50,15 @@ def predict_proba(model, tokenizer, df: pd.DataFrame, max_length: int = 1024, ma
         seqs += encode_rows(tokenizer, swap_ab(df), max_length, prompt_share=prompt_share, keep_tail=keep_tail)
     batches = sorted_batches(seqs, tokenizer.pad_token_id, max_tokens, max_batch=max_batch,
                              buckets=list(buckets) if buckets else None)
-    # XLA compiles one graph per shape, so there every batch of a bucket length also gets the same row count
-    rows_for = (lambda length: max(1, min(max_tokens // length, max_batch or max_tokens))) if buckets else None
+    rows_for = None
+    if buckets:
+        shards = num_data_shards(device_kind)
+
+        def rows_for(length):
+            # XLA compiles one graph per shape, so every batch of a bucket length gets the same row count,
+            # a multiple of the devices the batch is split over under SPMD
+            rows = max(1, min(max_tokens // length, max_batch or max_tokens))
+            return -(-rows // shards) * shards
     probs = _run_batches(models, batches, len(seqs), device_kind, rows_for, progress=progress)
     if tta:
         n = len(df)
@@ -99,7 +106,7 @@ def _run_batches(models, batches, n_rows: int, device_kind: str, rows_for, progr
 def _forward(model, batch: dict, device_kind: str, rows_for) -> np.ndarray:
     import torch
 
-    from .device import sync
+    from .device import sync, to_device
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows = len(ids)
@@ -108,12 +115,17 @@ def _forward(model, batch: dict, device_kind: str, rows_for) -> np.ndarray:
         # the short last batch of a bucket is filled up with copies of its last row (outputs dropped) so it
         # reuses the bucket's compiled graph
         ids, mask = (torch.cat([t, t[-1:].expand(full - rows, -1)]) for t in (ids, mask))
-    device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    if device_kind == "xla":
+        inputs = to_device({"input_ids": ids, "attention_mask": mask}, device_kind)
+    else:
+        device = next(model.parameters()).device  # each copy of the model sits on its own GPU
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    # torch_xla rejects inference tensors ("Cannot set version_counter for inference tensor")
+    with torch.no_grad() if device_kind == "xla" else torch.inference_mode():
+        logits = model(**inputs).logits
         probs = logits.float().softmax(-1)
         sync(device_kind)
-        return probs[:rows].cpu().numpy()
+        return probs.cpu().numpy()[:rows]  # slicing on the device would compile a graph per row count
 
 
 def apply_rules(df: pd.DataFrame, probs, identical=IDENTICAL_PROBS, a_empty=A_EMPTY_PROBS) -> np.ndarray:

@@ -111,3 +111,207 @@ def test_compare_rules_reports_both_losses():
     assert report["changed_log_loss_with_rules"] < report["changed_log_loss"]
     with pytest.raises(ValueError, match="labeled"):
         compare_rules(df.drop(columns=["winner_tie"]), probs)
+
+
+# --- prediction ---
+
+class RowModel(torch.nn.Module):
+    """Logits that are a function of each row's own (unpadded) ids: any mix-up of rows or padding shows."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(0.01))
+        self.calls = 0
+
+    def forward(self, input_ids, attention_mask):
+        self.calls += 1
+        mask = attention_mask.double()
+        length = mask.sum(1)
+        id_sum = (input_ids.double() * mask).sum(1)
+        logits = torch.stack([length, torch.remainder(id_sum, 97), torch.full_like(length, 20.0)], 1)
+        return SimpleNamespace(logits=(logits * self.scale.double()).float())
+
+
+class WordCountModel(torch.nn.Module):
+    """Prefers the response with more "apple"/"zebra" words; swapping A and B swaps its A and B logits."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.dummy = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            text = self.tokenizer.decode(ids[mask.bool()])
+            counts = {w: text.count(w) for w in ("apple", "zebra")}
+            first, second = sorted(counts, key=text.find)  # the word of response A comes first
+            rows.append([0.3 * counts[first], 0.3 * counts[second], 0.5])
+        return SimpleNamespace(logits=torch.tensor(rows) + self.dummy)
+
+
+class FirstWinsModel(torch.nn.Module):
+    """Always prefers whichever response comes first."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor([2.0, 0.0, 0.5]))
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.logits.expand(len(input_ids), 3))
+
+
+def _expected_row_probs(model, seqs):
+    with torch.inference_mode():
+        out = [model(input_ids=torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long)).logits
+               for s in seqs]
+    return torch.cat(out).float().softmax(-1).numpy()
+
+
+@pytest.fixture(scope="module")
+def demo_rows():
+    return make_demo_data(60, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification.from_pretrained(tiny_model_dir).eval()
+
+
+def test_rows_come_back_in_input_order(bpe_tokenizer, demo_rows):
+    from lmsys_utils.text import encode_rows
+
+    model = RowModel()
+    # a small token budget: many batches of different lengths and row counts
+    probs = predict_proba(model, bpe_tokenizer, demo_rows, max_length=256, max_tokens=1024, device_kind="cpu")
+    seqs = encode_rows(bpe_tokenizer, demo_rows, 256)
+    assert len({len(s) for s in seqs}) > 10 and model.calls > 5
+    np.testing.assert_allclose(probs, _expected_row_probs(model, seqs), rtol=0, atol=1e-7)
+    assert probs.shape == (len(demo_rows), 3) and probs.dtype == np.float64
+
+
+def test_batched_tiny_llama_matches_one_row_at_a_time(tiny_model, bpe_tokenizer, demo_rows):
+    from lmsys_utils.text import encode_rows
+
+    rows = demo_rows.head(24)
+    probs = predict_proba(tiny_model, bpe_tokenizer, rows, max_length=128, max_tokens=800, device_kind="cpu")
+    expected = _expected_row_probs(tiny_model, encode_rows(bpe_tokenizer, rows, 128))
+    # right padding and the classifier's last-non-pad-token read leave each row's result unchanged
+    np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
+
+
+def test_tta_is_a_no_op_for_a_model_that_ignores_the_ab_order(bpe_tokenizer):
+    df = pd.DataFrame({
+        "id": [1, 2, 3, 4],
+        "prompt": [["which is better?"], ["pick one"], ["hi"], ["q"]],
+        "response_a": [["apple apple apple"], ["zebra"], ["apple"], ["zebra zebra zebra zebra"]],
+        "response_b": [["zebra"], ["apple apple"], ["zebra zebra"], ["apple"]],
+    })
+    model = WordCountModel(bpe_tokenizer)
+    plain = predict_proba(model, bpe_tokenizer, df, max_length=128, device_kind="cpu")
+    tta = predict_proba(model, bpe_tokenizer, df, max_length=128, tta=True, device_kind="cpu")
+    assert not np.allclose(plain[:, 0], plain[:, 1])  # A and B do differ, so a missed column swap would show
+    np.testing.assert_allclose(tta, plain, rtol=0, atol=1e-7)
+
+
+def test_tta_cancels_a_first_position_bias(bpe_tokenizer, demo_rows):
+    model = FirstWinsModel()
+    plain = predict_proba(model, bpe_tokenizer, demo_rows, max_length=128, device_kind="cpu")
+    tta = predict_proba(model, bpe_tokenizer, demo_rows, max_length=128, tta=True, device_kind="cpu")
+    assert (plain[:, 0] > plain[:, 1] + 0.5).all()
+    np.testing.assert_allclose(tta[:, 0], tta[:, 1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tta[:, 2], plain[:, 2], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(tta.sum(axis=1), 1, atol=1e-6)
+
+
+def test_two_model_copies_in_threads_equal_one(tiny_model, bpe_tokenizer, demo_rows):
+    single = predict_proba(tiny_model, bpe_tokenizer, demo_rows, max_length=128, max_tokens=512, device_kind="cpu")
+    copies = [copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)]
+    calls = [0, 0]
+    for i, m in enumerate(copies):
+        m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    multi = predict_proba(copies, bpe_tokenizer, demo_rows, max_length=128, max_tokens=512, device_kind="cpu")
+    assert calls[0] > 0 and calls[1] > 0, f"both copies must take batches, got {calls}"
+    np.testing.assert_array_equal(multi, single)
+
+
+def test_a_failing_device_copy_raises(bpe_tokenizer, demo_rows):
+    class Broken(RowModel):
+        def forward(self, input_ids, attention_mask):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        predict_proba([RowModel(), Broken()], bpe_tokenizer, demo_rows, max_length=128, max_tokens=512,
+                      device_kind="cpu")
+
+
+# --- the entry point ---
+
+def test_predict_end_to_end_on_the_real_test_file(tiny_model_dir, arena_test_path, tmp_path):
+    out = tmp_path / "submission.csv"
+    sub = predict(arena_test_path, str(tiny_model_dir), out=out, tta=True, max_length=256, device_kind="cpu",
+                  progress=False)
+    written = pd.read_csv(out)
+    assert written["id"].tolist() == OFFICIAL_TEST_IDS == sub["id"].tolist()
+    values = written[list(LABEL_COLUMNS)].to_numpy()
+    assert np.isfinite(values).all() and (values > 0).all()
+    np.testing.assert_allclose(values.sum(axis=1), 1, atol=1e-9)
+
+
+def test_cli_predict(tiny_model_dir, arena_test_path, tmp_path, capsys):
+    from lmsys_utils.cli import main
+
+    out = tmp_path / "sub.csv"
+    rc = main(["predict", "--data", str(arena_test_path), "--model", str(tiny_model_dir), "--out", str(out),
+               "--max-length", "128", "--device", "cpu"])
+    assert rc == 0 and pd.read_csv(out)["id"].tolist() == OFFICIAL_TEST_IDS
+    rc = main(["predict", "--data", str(tmp_path / "missing.csv"), "--model", str(tiny_model_dir), "--out",
+               str(tmp_path / "never.csv"), "--device", "cpu"])
+    assert rc == 1 and "no such file" in capsys.readouterr().err and not (tmp_path / "never.csv").exists()
+
+
+XLA_SCRIPT = """
+import sys, numpy as np, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from lmsys_utils.demo import make_demo_data
+import torch_xla.debug.metrics as met
+from lmsys_utils.device import prepare_model
+from lmsys_utils.predict import predict_proba
+
+def compile_count():
+    # under SPMD every host transfer of a sharded result adds a cached (cheap) compile; count real ones
+    return met.counter_value("UncachedCompile") or 0
+
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
+df = make_demo_data(40, seed=5)
+cpu = predict_proba(model, tokenizer, df, max_length=128, max_tokens=512, device_kind="cpu")
+xla_model = prepare_model(model, "xla")
+first = predict_proba(xla_model, tokenizer, df, max_length=128, max_tokens=512, device_kind="xla", buckets=[64, 128])
+compiled = compile_count()
+again = predict_proba(xla_model, tokenizer, df.sample(frac=1, random_state=1), max_length=128, max_tokens=512,
+                      device_kind="xla", buckets=[64, 128])
+print("RESULT", compiled, compile_count() - compiled, np.abs(first - cpu).max(),
+      np.abs(again - first[df.sample(frac=1, random_state=1).index]).max())
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.xla
+@pytest.mark.parametrize("devices", [1, 2])
+def test_xla_buckets_compile_once_and_match_cpu(tiny_model_dir, devices):
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch_xla")
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    run = subprocess.run([sys.executable, "-c", XLA_SCRIPT, str(tiny_model_dir)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled, recompiled, diff_cpu, diff_again = map(float, run.stdout.split("RESULT")[1].split())
+    # two buckets: one forward graph each, none on a rerun in another row order
+    assert 0 < compiled <= 2 and recompiled == 0, (compiled, recompiled)
+    assert diff_cpu < 1e-4 and diff_again < 1e-6
