@@ -44,6 +44,8 @@ class Config:
     """Module names LoRA adapts (None: the architecture's default, e.g. q/k/v/o projections)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
+    device: str = "auto"
+    """Where to train: auto (TPU/XLA if present, else CUDA, else CPU), xla, cuda or cpu (xla on a CPU: tests)."""
 
     # --- training ---
     epochs: float = 1.0
@@ -96,6 +98,7 @@ class Config:
             "lora_r": self.lora_r >= 1,
             "dtype": self.dtype in ("auto", "bf16", "fp16", "fp32"),
             "schedule": self.schedule in ("cosine", "linear", "constant"),
+            "device": self.device in ("auto", "xla", "cuda", "cpu"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -17,10 +17,14 @@ MESH_AXES = ("data", "fsdp")
 
 
 def detect() -> str:
-    """Return "xla", "cuda" or "cpu": xla when torch_xla is installed and PJRT_DEVICE is set or a TPU is present."""
+    """Return "xla", "cuda" or "cpu": xla when torch_xla is installed and PJRT_DEVICE is set or a TPU is present.
+
+    PJRT_DEVICE=CPU does not count: importing torch_xla sets it by itself (transformers and peft import it when
+    installed). For XLA on a CPU, as the tests do, ask for it: device_kind="xla" / Config.device="xla".
+    """
     if importlib.util.find_spec("torch_xla") is not None and (
-        os.environ.get("PJRT_DEVICE") or os.environ.get("TPU_ACCELERATOR_TYPE") or glob.glob("/dev/accel*")
-        or glob.glob("/dev/vfio/[0-9]*")
+        os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU" or os.environ.get("TPU_ACCELERATOR_TYPE")
+        or glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
     ):
         return "xla"
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,9 +35,9 @@ def get_device(kind: str | None = None) -> torch.device:
     kind = kind or detect()
     if kind == "xla":
         setup_spmd()
-        import torch_xla.core.xla_model as xm
+        import torch_xla
 
-        return xm.xla_device()
+        return torch_xla.device()
     return torch.device("cuda" if kind == "cuda" else "cpu")
 
 
@@ -45,9 +49,9 @@ def default_dtype(kind: str) -> torch.dtype:
 def sync(kind: str) -> None:
     """The one sync per step: on XLA it cuts the traced graph and launches it (asynchronously)."""
     if kind == "xla":
-        import torch_xla.core.xla_model as xm
+        import torch_xla
 
-        xm.mark_step()
+        torch_xla.sync()
 
 
 def wait(kind: str) -> None:
@@ -130,11 +134,9 @@ def to_device(batch: dict, kind: str) -> dict:
     return batch
 
 
-def autocast(kind: str):
-    """Mixed precision for the forward pass: fp16 autocast on GPU, bf16 on XLA, nothing on CPU."""
-    if kind == "cpu":
-        return torch.autocast("cpu", enabled=False)
-    return torch.autocast(kind, dtype=default_dtype(kind))
+def autocast(kind: str, dtype: torch.dtype | None):
+    """Mixed precision for forward passes in `dtype` (bf16 on TPU, fp16 on GPU); None: off (fp32 weights)."""
+    return torch.autocast("cuda" if kind == "cuda" else kind, dtype=dtype, enabled=dtype is not None)
 
 
 def enable_gradient_checkpointing(model, kind: str) -> None:
