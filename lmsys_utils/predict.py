@@ -251,26 +251,20 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
 
 def load_models(name_or_path, adapter=None, token=None, dtype=None, device_kind: str = "cpu",
                 quantization: str | None = None):
-    """One inference model per device (every visible GPU on CUDA, else one) and the tokenizer."""
+    """The model(s) to predict with and the tokenizer: one copy per visible GPU on CUDA (Kaggle's 2x T4),
+    one copy sharded over all devices on XLA, one on CPU."""
     import torch
 
+    from .device import prepare_model
     from .model import load_for_inference
 
-    gpus = torch.cuda.device_count() if device_kind == "cuda" else 1
-    models = []
-    for i in range(gpus):
-        ctx = torch.cuda.device(i) if device_kind == "cuda" else _nullcontext()
-        with ctx:  # loaders that place weights on "cuda" put this copy on GPU i
-            model, tokenizer = load_for_inference(name_or_path, adapter, token=token, dtype=dtype,
-                                                  device_kind=device_kind, quantization=quantization)
-        models.append(model)
-    return models, tokenizer
-
-
-def _nullcontext():
-    import contextlib
-
-    return contextlib.nullcontext()
+    kwargs = dict(adapter_dir=adapter, token=token, dtype=dtype, device_kind=device_kind, quantization=quantization)
+    if device_kind == "cuda":
+        loaded = [load_for_inference(name_or_path, **kwargs, device_map={"": i})
+                  for i in range(torch.cuda.device_count())]
+        return [m for m, _ in loaded], loaded[0][1]
+    model, tokenizer = load_for_inference(name_or_path, **kwargs)
+    return [prepare_model(model, device_kind) if device_kind == "xla" else model], tokenizer
 
 
 def _file_ids(path) -> pd.Series:

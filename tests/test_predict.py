@@ -260,6 +260,35 @@ def test_predict_end_to_end_on_the_real_test_file(tiny_model_dir, arena_test_pat
     np.testing.assert_allclose(values.sum(axis=1), 1, atol=1e-9)
 
 
+def test_predict_with_an_adapter_and_an_unreadable_row(tiny_model_dir, arena_test_path, tmp_path):
+    from lmsys_utils.model import add_lora, load_for_inference, save_adapter
+
+    base, tokenizer = load_for_inference(tiny_model_dir)
+    lora = add_lora(base, r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: its output differs from the base model's
+    adapter = save_adapter(lora, tokenizer, tmp_path / "adapter")
+    rows = pd.read_csv(arena_test_path)
+    rows.loc[1, "response_b"] = "not json"
+    data = tmp_path / "test.csv"
+    rows.to_csv(data, index=False)
+
+    sub = predict(data, str(tiny_model_dir), adapter=adapter, out=tmp_path / "sub.csv", max_length=256,
+                  device_kind="cpu", progress=False)
+    assert sub["id"].tolist() == OFFICIAL_TEST_IDS
+    np.testing.assert_allclose(sub.iloc[1, 1:].to_numpy(dtype=float), 1 / 3)  # unreadable: the uniform guess
+    df, _ = load_arena(arena_test_path)
+    model, tokenizer = load_for_inference(tiny_model_dir, adapter)
+    expected = predict_proba(model, tokenizer, df.iloc[[0, 2]], max_length=256, device_kind="cpu")
+    np.testing.assert_allclose(sub.iloc[[0, 2], 1:].to_numpy(dtype=float), expected, atol=1e-6)
+    plain = predict(data, str(tiny_model_dir), out=tmp_path / "plain.csv", max_length=256, device_kind="cpu",
+                    progress=False)
+    assert not np.allclose(plain.iloc[[0, 2], 1:].to_numpy(dtype=float), expected, atol=1e-3)
+
+
 def test_cli_predict(tiny_model_dir, arena_test_path, tmp_path, capsys):
     from lmsys_utils.cli import main
 
