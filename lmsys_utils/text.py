@@ -207,7 +207,7 @@ def part_budgets(n_prompt: int, n_a: int, n_b: int, budget: int, prompt_share: f
         ba, bb = min(n_a, rest - n_b), n_b
     else:
         ba = bb = half
-    # what the responses leave (short responses, or the odd token of an even split) returns to the prompt
+    # what the responses leave (short responses, or the odd token of an uneven split) returns to the prompt
     bp = min(n_prompt, budget - ba - bb)
     return bp, ba, bb
 

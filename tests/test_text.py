@@ -124,6 +124,15 @@ def test_short_rows_decode_to_the_formatted_text_with_one_bos(bpe_tokenizer):
         assert bpe_tokenizer.decode(row_ids[1:]) == format_row(row.prompt, row.response_a, row.response_b)
 
 
+def test_chunked_tokenization_gives_the_same_rows(bpe_tokenizer):
+    long = " ".join(WORDS * 10)
+    df = frame(*[([f"q{i} " + long[:i * 7]], [f"a{i} " + long], [f"b{i}"]) for i in range(11)])
+    df.index = df.index + 100
+    ids, stats = encode_rows(bpe_tokenizer, df, 90, return_stats=True)
+    assert encode_rows(bpe_tokenizer, df, 90, chunk_rows=4) == ids
+    assert list(stats.index) == list(df.index) and (stats["length"] == [len(x) for x in ids]).all()
+
+
 def test_max_length_too_small_for_markers_is_a_clear_error(bpe_tokenizer):
     with pytest.raises(ValueError, match="max_length=8 cannot hold"):
         encode_rows(bpe_tokenizer, frame((["a"], ["b"], ["c"])), 8)
