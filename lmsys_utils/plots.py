@@ -243,8 +243,9 @@ def plot_history(history: dict) -> Figure:
     """
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
-    left.plot(history["step"], history["loss"], color="#4C72B0", alpha=0.35, label="train loss (per step)")
     window = max(1, len(history["loss"]) // 20)
+    left.plot(history["step"], history["loss"], color="#4C72B0", alpha=0.35 if window > 1 else 1.0,
+              label="train loss (per step)")
     if window > 1:  # per-step losses are noisy; a trailing mean shows the trend
         smooth = np.convolve(history["loss"], np.ones(window) / window, mode="valid")
         left.plot(history["step"][window - 1:], smooth, color="#4C72B0", label=f"train loss ({window}-step mean)")
