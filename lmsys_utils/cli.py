@@ -22,8 +22,12 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     train_path, test_path = (Path(args.data), None) if args.data else write_demo_data(out / "data")
-    _, summary = load_arena(train_path)
+    df, summary = load_arena(train_path)
     print(summary)
+    from .plots import save_eda_figures
+
+    figures = save_eda_figures(df, out / "figures")
+    print(f"EDA figures: {len(figures)} PNGs in {out / 'figures'}")
     return 0
 
 
