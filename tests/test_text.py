@@ -202,7 +202,7 @@ def test_swap_symmetry_of_budgets(bpe_tokenizer):
 texts = st.lists(st.sampled_from(WORDS), max_size=120).map(" ".join)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(turns=st.lists(st.tuples(texts, texts, texts), min_size=1, max_size=3),
        max_length=st.integers(40, 300), share=st.floats(0.05, 0.95), keep_tail=st.integers(0, 5))
 def test_random_lengths_fit_and_keep_every_part_and_marker(bpe_tokenizer, turns, max_length, share, keep_tail):
