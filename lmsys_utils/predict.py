@@ -3,6 +3,7 @@ submission file that is checked before it is written."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -115,13 +116,15 @@ def _forward(model, batch: dict, device_kind: str, rows_for) -> np.ndarray:
         # the short last batch of a bucket is filled up with copies of its last row (outputs dropped) so it
         # reuses the bucket's compiled graph
         ids, mask = (torch.cat([t, t[-1:].expand(full - rows, -1)]) for t in (ids, mask))
+    device = next(model.parameters()).device  # each copy of the model sits on its own GPU
     if device_kind == "xla":
         inputs = to_device({"input_ids": ids, "attention_mask": mask}, device_kind)
     else:
-        device = next(model.parameters()).device  # each copy of the model sits on its own GPU
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    # kernels that launch on the current GPU (bitsandbytes) must see this copy's GPU in this thread
+    gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     # torch_xla rejects inference tensors ("Cannot set version_counter for inference tensor")
-    with torch.no_grad() if device_kind == "xla" else torch.inference_mode():
+    with gpu, torch.no_grad() if device_kind == "xla" else torch.inference_mode():
         logits = model(**inputs).logits
         probs = logits.float().softmax(-1)
         sync(device_kind)
@@ -231,7 +234,7 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
     """
     from .device import detect
 
-    df, summary = load_arena(data_path, drop_invalid=True)
+    df, _ = load_arena(data_path, drop_invalid=True)
     device_kind = device_kind or detect()
     models, tokenizer = load_models(model, adapter, token=token, dtype=dtype, device_kind=device_kind,
                                     quantization=quantization)
