@@ -44,7 +44,8 @@ def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: floa
 
     A row that is too long shares the budget: the prompt takes at most `prompt_share` of it, response A
     and response B get equal shares, and what a short part leaves goes to the others; so no non-empty
-    part ever loses all its tokens. Within a part the most recent turns are kept whole and the oldest
+    part ever loses all its tokens (unless `max_length` cannot hold the markers of the rounds that part
+    has text in: dozens of rounds at a few hundred tokens). Within a part the most recent turns are kept whole and the oldest
     kept turn keeps its head (and its last `keep_tail` tokens); rounds left with no text are dropped
     with their markers.
 
