@@ -54,6 +54,9 @@ def test_all_three_notebooks_run_in_smoke_mode(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
     # a token in the environment must never reach an output
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    # only this environment's kernel: a user-level "python3" kernelspec could point at another Python
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "jupyter"))
+    monkeypatch.delenv("JUPYTER_PATH", raising=False)
     smoke = tmp_path / "smoke"
     outputs = {}
     for name in NOTEBOOKS:  # in order: 03 predicts with the adapter 02 trained
