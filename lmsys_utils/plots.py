@@ -84,6 +84,8 @@ def plot_length_bias(df: pd.DataFrame, bins: int = 8) -> Figure:
     diff = _chars(df["response_a"]) - _chars(df["response_b"])
     # quantile bins: equal numbers of battles per point, so every point is equally reliable
     edges = np.unique(np.quantile(diff, np.linspace(0, 1, bins + 1)))
+    if len(edges) < 2:  # every difference equal: one bin
+        edges = np.array([diff.min(), diff.min() + 1])
     which = np.clip(np.searchsorted(edges, diff, side="right") - 1, 0, len(edges) - 2)
     x = np.arange(len(edges) - 1)
     fig = Figure(figsize=(9, 4.8), layout="constrained")
