@@ -2,12 +2,191 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .data import CLASS_NAMES
 
 ID2LABEL = dict(enumerate(CLASS_NAMES))
 LABEL2ID = {v: k for k, v in ID2LABEL.items()}
+SETTINGS_FILE = "run_settings.json"
+QUANTIZATIONS = (None, "8bit", "4bit")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# LoRA targets per architecture: every attention projection (the anchor's o/v only under-fits)
+LORA_TARGETS = {
+    **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
+                    ("q_proj", "k_proj", "v_proj", "o_proj")),
+    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ("query", "key", "value", "dense")),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter folder that does not fit the base model; the message names the keys and the fix."""
+
+
+def load_tokenizer(name_or_path, token: str | None = None):
+    """The tokenizer of a hub id or local folder, with a pad token (Llama-3 has none) and right padding."""
+    from transformers import AutoTokenizer
+
+    from .text import ensure_pad_token
+
+    return ensure_pad_token(AutoTokenizer.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token)))
+
+
+def load_classifier(name_or_path, tokenizer, token: str | None = None, dtype=None, device_kind: str = "cpu",
+                    quantization: str | None = None, gradient_checkpointing: bool = False, device_map=None):
+    """A 3-way `AutoModelForSequenceClassification` (new `score` head on a causal LM) ready for LoRA.
+
+    Args:
+        dtype: a torch dtype, "bf16"/"fp16"/"fp32", or None/"auto" for the device's default (bf16 on XLA,
+            fp16 on CUDA, fp32 on CPU).
+        device_kind: "xla", "cuda" or "cpu"; XLA gets eager attention (sdpa syncs with the host every step).
+        quantization: None, "8bit" or "4bit" (nf4) via bitsandbytes; needs CUDA or CPU.
+        device_map: passed to from_pretrained (default: none, or the one device for a quantized model).
+    """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: use None, '8bit' or '4bit'")
+    if quantization and device_kind == "xla":
+        raise ValueError("bitsandbytes quantization does not run on TPU/XLA: use quantization=None there "
+                         "(bf16 weights, sharded over the devices)")
+    dtype = _torch_dtype(dtype, device_kind)
+    kwargs = dict(num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID, pad_token_id=tokenizer.pad_token_id,
+                  token=_token_for(name_or_path, token))
+    kwargs[_dtype_kwarg()] = dtype
+    if device_kind == "xla":
+        kwargs["attn_implementation"] = "eager"
+    if quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+        # bitsandbytes quantizes while placing the weights, so it needs a device map
+        device_map = device_map or ({"": torch.cuda.current_device()} if device_kind == "cuda" else "cpu")
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), **kwargs)
+    # checkpoints whose config names no pad token still need one: the head pools the last non-pad token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if gradient_checkpointing:
+        from .device import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model, device_kind)
+    return model
+
+
+def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets=None):
+    """Wrap the model in a LoRA PeftModel (task SEQ_CLS: the score head is trained and saved too).
+
+    Args:
+        targets: module names to adapt; None uses LORA_TARGETS for the architecture, else peft's default.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if targets is None:
+        targets = LORA_TARGETS.get(model.config.model_type)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(targets) if targets is not None else None)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    return model
+
+
+def save_adapter(model, tokenizer, out_dir, settings: dict | None = None) -> Path:
+    """Write the peft adapter (LoRA + score head), the tokenizer and `run_settings.json` to `out_dir`.
+
+    Works for XLA models: only the adapter's tensors are copied to the CPU (saving XLA tensors directly fails;
+    copying the whole 8B state dict would move 16 GB).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    adapter = model.active_adapter
+    state_dict = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if adapter in k.split(".")}
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    tokenizer.save_pretrained(out_dir)
+    settings = {k: v for k, v in (settings or {}).items() if "token" not in k.lower() or not isinstance(v, str)}
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str))
+    return out_dir
+
+
+def load_adapter(model, adapter_dir):
+    """Put a saved adapter on a freshly loaded base model, strictly: every saved key must fit, none be missing."""
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise AdapterError(f"{adapter_dir} has no adapter_config.json: point at the folder save_adapter wrote "
+                           f"(the run's output_dir, or its adapter subfolder)")
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.inference_mode = True
+    base = config.base_model_name_or_path
+    try:
+        peft_model = get_peft_model(model, config)
+        result = set_peft_model_state_dict(peft_model, load_peft_weights(str(adapter_dir), device="cpu"))
+    except KeyError as e:  # peft's lookup of a modules_to_save tensor (the score head) absent from the file
+        raise AdapterError(f"the adapter in {adapter_dir} (trained on {base}) is missing {e}: the file is "
+                           f"incomplete; save it again with save_adapter") from None
+    except (ValueError, RuntimeError) as e:
+        raise AdapterError(f"the adapter in {adapter_dir} (trained on {base}) does not fit this "
+                           f"{model.config.model_type} model: {e}") from None
+    adapter = peft_model.active_adapter
+    # torch lists every base weight as missing; only the adapter's own tensors must all be in the file
+    missing = [k for k in result.missing_keys if adapter in k.split(".")]
+    if missing or result.unexpected_keys:
+        raise AdapterError(f"the adapter in {adapter_dir} (trained on {base}) does not match this model: "
+                           f"missing {missing[:5]} ({len(missing)} in all), unexpected "
+                           f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all); load it on "
+                           f"the base model and LoRA settings it was trained with")
+    return peft_model.eval()
+
+
+def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None, dtype=None,
+                       device_kind: str = "cpu", quantization: str | None = None, device_map=None):
+    """(model, tokenizer) for prediction: the base with the adapter on top (unmerged), in eval mode.
+
+    The tokenizer comes from the adapter folder when it holds one, so padding matches training.
+    """
+    has_tokenizer = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else name_or_path, token=token)
+    model = load_classifier(name_or_path, tokenizer, token=token, dtype=dtype, device_kind=device_kind,
+                            quantization=quantization, device_map=device_map)
+    if adapter_dir is not None:
+        model = load_adapter(model, adapter_dir)
+    return model.eval(), tokenizer
+
+
+def _token_for(name_or_path, token):
+    from .auth import is_local, resolve_token
+
+    # local folders need no token; resolving one there could call Kaggle's secret service for nothing
+    return None if is_local(name_or_path) else resolve_token(token)
+
+
+def _torch_dtype(dtype, device_kind: str):
+    import torch
+
+    if dtype is None or dtype == "auto":
+        from .device import default_dtype
+
+        return default_dtype(device_kind)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}: use 'auto', 'bf16', 'fp16', 'fp32' or a torch dtype")
+        return getattr(torch, DTYPES[dtype])
+    return dtype
+
+
+def _dtype_kwarg() -> str:
+    import transformers
+
+    # transformers renamed torch_dtype= to dtype= in 4.56; Kaggle images may carry an older one
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
 def build_tiny_model(out_dir, texts=None, vocab_size: int = 1000, hidden_size: int = 64,

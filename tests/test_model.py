@@ -1,0 +1,218 @@
+"""Loading the classifier, LoRA, and adapters that save and load exactly (tiny models, built in-process)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmsys_utils.model import (AdapterError, ID2LABEL, add_lora, build_tiny_model, load_adapter, load_classifier,
+                               load_for_inference, load_tokenizer, save_adapter)
+
+SECRET = "hf_neverWriteThisTokenAnywhere42"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer):
+    texts = ["Which answer is better? A says yes.", "B: no, because of the reasons above.", "tie"]
+    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+
+
+def trained_lora(tiny_model_dir, tokenizer, batch, steps=3):
+    """A LoRA model whose adapter and score head moved away from their init (lora_B starts at zero)."""
+    torch.manual_seed(0)
+    model = add_lora(load_classifier(tiny_model_dir, tokenizer), r=4, alpha=8, dropout=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    labels = torch.tensor([0, 1, 2])
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def checkpointed_layers(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def test_load_classifier(tiny_model_dir, tokenizer, batch):
+    model = load_classifier(tiny_model_dir, tokenizer)
+    assert model.config.num_labels == 3 and model.config.id2label == ID2LABEL
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None and tokenizer.padding_side == "right"
+    assert model.dtype == torch.float32  # cpu default
+    assert model(**batch).logits.shape == (3, 3)
+    xla = load_classifier(tiny_model_dir, tokenizer, device_kind="xla")  # not moved: only the settings
+    assert xla.dtype == torch.bfloat16 and xla.config._attn_implementation == "eager"
+    assert load_classifier(tiny_model_dir, tokenizer, dtype="fp16").dtype == torch.float16
+    with pytest.raises(ValueError, match="dtype='half'"):
+        load_classifier(tiny_model_dir, tokenizer, dtype="half")
+    with pytest.raises(ValueError, match="quantization='3bit'"):
+        load_classifier(tiny_model_dir, tokenizer, quantization="3bit")
+    with pytest.raises(ValueError, match="does not run on TPU"):
+        load_classifier(tiny_model_dir, tokenizer, device_kind="xla", quantization="8bit")
+
+
+def test_lora_defaults_per_architecture(tiny_model_dir, tokenizer, capsys):
+    model = add_lora(load_classifier(tiny_model_dir, tokenizer))
+    assert "trainable params" in capsys.readouterr().out
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert any(f"{proj}.lora_A" in n for n in trainable)
+    assert not any("mlp" in n for n in trainable)
+    assert "base_model.model.score.modules_to_save.default.weight" in trainable
+    assert model.peft_config["default"].r == 16 and model.peft_config["default"].lora_alpha == 32
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64, num_labels=3))
+    bert = add_lora(bert, r=2, targets=None)
+    assert set(bert.peft_config["default"].target_modules) == {"query", "key", "value", "dense"}
+    assert any("classifier.modules_to_save" in n for n, p in bert.named_parameters() if p.requires_grad)
+    custom = add_lora(load_classifier(tiny_model_dir, tokenizer), targets=("v_proj",))
+    assert set(custom.peft_config["default"].target_modules) == {"v_proj"}
+
+
+def test_round_trip_is_exact(tiny_model_dir, tokenizer, batch, tmp_path, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    model = trained_lora(tiny_model_dir, tokenizer, batch)
+    with torch.no_grad():
+        before = model(**batch).logits
+    out = save_adapter(model, tokenizer, tmp_path / "adapter",
+                       settings={"model": str(tiny_model_dir), "lora_r": 4, "token": SECRET, "hf_token": SECRET})
+    assert {"adapter_config.json", "adapter_model.safetensors", "run_settings.json",
+            "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "run_settings.json").read_text()) == {"model": str(tiny_model_dir), "lora_r": 4}
+
+    loaded, loaded_tokenizer = load_for_inference(tiny_model_dir, out, token=SECRET)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    with torch.no_grad():
+        after = loaded(**batch).logits
+    assert torch.equal(before, after)
+    assert loaded_tokenizer.pad_token_id == tokenizer.pad_token_id
+    with torch.no_grad():  # the adapter matters: the bare base predicts something else
+        assert not torch.allclose(load_classifier(tiny_model_dir, tokenizer)(**batch).logits, after)
+
+    # the token went in as an argument and a setting; it must appear in nothing the run wrote or showed
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err + caplog.text
+    for path in out.rglob("*"):
+        assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+def test_strict_loading(tiny_model_dir, tokenizer, batch, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = save_adapter(trained_lora(tiny_model_dir, tokenizer, batch, steps=1), tokenizer, tmp_path / "a")
+    weights = load_file(out / "adapter_model.safetensors")
+    head = "base_model.model.score.weight"
+    assert head in weights
+
+    save_file({k: v for k, v in weights.items() if k != head}, out / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match="is missing 'base_model.model.score.weight'"):
+        load_adapter(load_classifier(tiny_model_dir, tokenizer), out)
+
+    lora_b = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    save_file({k: v for k, v in weights.items() if k != lora_b}, out / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"missing \['base_model.model.model.layers.1.self_attn.v_proj.lora_B"):
+        load_adapter(load_classifier(tiny_model_dir, tokenizer), out)
+
+    save_file({**weights, "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(4, 64)},
+              out / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"unexpected \['base_model.model.model.layers.0.mlp.up_proj"):
+        load_adapter(load_classifier(tiny_model_dir, tokenizer), out)
+
+    save_file(weights, out / "adapter_model.safetensors")
+    other = build_tiny_model(tmp_path / "wider", texts=["a b c"] * 20, vocab_size=300, hidden_size=32)
+    with pytest.raises(AdapterError, match="does not fit this llama model"):
+        load_adapter(load_classifier(other, load_tokenizer(other)), out)
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        load_adapter(load_classifier(tiny_model_dir, tokenizer), tmp_path)
+
+
+def test_gradient_checkpointing_keeps_gradients(tiny_model_dir, tokenizer, batch):
+    def lora_grads(checkpointing):
+        torch.manual_seed(0)
+        model = add_lora(load_classifier(tiny_model_dir, tokenizer, gradient_checkpointing=checkpointing), r=4)
+        assert len(checkpointed_layers(model)) == (2 if checkpointing else 0)
+        model.train()
+        model(**batch).logits.sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = lora_grads(False), lora_grads(True)
+    # lora_A gets no gradient while lora_B is still zero (its init); lora_B and the score head must get one
+    assert len(plain) == 2 * 4 * 2 + 1
+    assert all(g.abs().sum() > 0 for n, g in checkpointed.items() if "lora_A" not in n)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+XLA_CHECKPOINTING = """
+import sys, torch
+import torch_xla.core.xla_model as xm
+from torch_xla.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+
+tokenizer = load_tokenizer(sys.argv[1])
+batch = dict(tokenizer(["Which answer is better? A says yes.", "tie"], padding=True, return_tensors="pt"))
+device = xm.xla_device()
+grads = []
+for kind, dev in (("xla", device), ("cpu", "cpu")):
+    torch.manual_seed(0)
+    model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", device_kind=kind,
+                                     gradient_checkpointing=kind == "xla"), r=4, dropout=0.0)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    assert len(layers) == (2 if kind == "xla" else 0), layers
+    assert all(m._gradient_checkpointing_func.func is checkpoint for m in layers)
+    model.to(dev).train()
+    model(**{k: v.to(dev) for k, v in batch.items()}).logits.sum().backward()
+    if kind == "xla":
+        xm.mark_step()  # one graph for the whole step; else each .cpu() below compiles its own
+    grads.append({n: p.grad.cpu() for n, p in model.named_parameters() if p.requires_grad})
+assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 17
+for name in grads[1]:
+    torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
+print("same gradients")
+"""
+
+
+@pytest.mark.xla
+@pytest.mark.slow
+def test_gradient_checkpointing_on_xla(tiny_model_dir):
+    """transformers' own checkpointing fails on XLA; torch_xla's checkpoint gives the CPU gradients.
+
+    In a fresh process: a CPU backward before the XLA runtime starts breaks every later XLA backward
+    (autograd's device queues are sized once), and earlier tests in this session run CPU backwards.
+    """
+    pytest.importorskip("torch_xla")
+    env = {**os.environ, "PJRT_DEVICE": "CPU"}
+    env.pop("CPU_NUM_DEVICES", None)
+    run = subprocess.run([sys.executable, "-c", XLA_CHECKPOINTING, str(tiny_model_dir)], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert run.returncode == 0 and "same gradients" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("quantization, tolerance", [("8bit", 0.02), ("4bit", 0.1)])
+def test_quantized_on_cpu(tiny_model_dir, tokenizer, batch, quantization, tolerance, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    reference = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
+    out = save_adapter(reference, tokenizer, tmp_path / "adapter")
+    quantized, _ = load_for_inference(tiny_model_dir, out, quantization=quantization)
+    assert any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in quantized.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(quantized(**batch).logits.float(), reference(**batch).logits,
+                                   atol=tolerance, rtol=0)
