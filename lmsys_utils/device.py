@@ -99,7 +99,7 @@ def num_data_shards(kind: str) -> int:
     if kind != "xla":
         return 1
     mesh = setup_spmd()
-    return 1 if mesh is None else mesh.size()
+    return 1 if mesh is None else int(mesh.size())
 
 
 def prepare_model(model, kind: str):

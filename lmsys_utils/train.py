@@ -188,8 +188,8 @@ def fit(model, tokenizer, train_df, valid_df, config, device_kind: str | None = 
             new_best = history["best_log_loss"] is None or metrics["log_loss"] < history["best_log_loss"]
             if new_best:
                 history["best_step"], history["best_log_loss"] = step, metrics["log_loss"]
-        # a new best is always checkpointed, so the best checkpoint exists even between save points
-        if (config.save_every and step % config.save_every == 0) or step == total_steps or new_best:
+        # with periodic saving on, a new best is checkpointed too, so the best checkpoint exists between save points
+        if config.save_every and (step % config.save_every == 0 or new_best) or step == total_steps:
             save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step, history, kind,
                             data_position=step * config.grad_accum, keep_step=history["best_step"])
     bar.close()
