@@ -10,11 +10,14 @@ import re
 from pathlib import Path
 
 GB = 1e9
+HBM_GB = 16 * 2**30 / GB
 HEADROOM = 0.9
-"""A plan fits when its peak is at most this share of the usable memory (the estimate is within ~25%)."""
+"""On GPU/CPU a plan fits when its peak is at most this share of the usable memory (the estimate is within
+~25% of measured). On TPU the whole memory counts: XLA plans memory when it compiles (rematerialising
+activations where needed) and reports an out-of-memory error then, not after hours of training."""
 TARGETS = {  # name -> (devices, usable GB per device, backend)
-    "tpu-v3-8": (8, 16.0, "xla"),
-    "tpu-v5e-8": (8, 16.0, "xla"),
+    "tpu-v3-8": (8, HBM_GB, "xla"),
+    "tpu-v5e-8": (8, HBM_GB, "xla"),
     "t4": (1, 15.0, "cuda"),
     "2xt4": (2, 15.0, "cuda"),
 }
@@ -273,12 +276,13 @@ def _estimate(info: dict, s: dict, devices: int, capacity: float, backend: str, 
         weights = other * b + (weights - other * b) * -(-layers // devices) / layers
     overhead = CPU_RUNTIME_GB * GB if backend == "cpu" else 0
     total = weights + lora + activations + logits + overhead
-    limit = HEADROOM * capacity * GB
+    share = 1.0 if backend == "xla" else HEADROOM
+    limit = share * capacity * GB
     fits = total <= limit
     where = {"single": "", "fsdp": f" sharded over {devices} devices", "replicate": " per model copy",
              "split": f" split across {devices} GPUs"}[placement]
     reason = (f"peak {total / GB:.1f} GB per device{where} is {'within' if fits else 'over'} "
-              f"{limit / GB:.1f} GB ({HEADROOM:.0%} of {capacity:g} GB usable)")
+              f"{limit / GB:.1f} GB ({share:.0%} of {capacity:.3g} GB usable)")
     return dict(params=info["params"], devices=devices, capacity_gb=capacity, placement=placement,
                 weights_gb=weights / GB, lora_gb=lora / GB, activations_gb=activations / GB,
                 logits_gb=logits / GB, overhead_gb=overhead / GB, total_gb=total / GB, fits=fits, reason=reason)
@@ -375,7 +379,7 @@ def format_plan(plan: MemoryPlan) -> str:
            "split": ", one model split across the GPUs"}[plan.placement]
     lines = [
         f"{plan.params / 1e9:.2f}B params, {precision}, {what} on {s['target']} ({plan.devices} x "
-        f"{plan.capacity_gb:g} GB{how}), batch {s['batch_size']} x {s['max_length']} tokens, "
+        f"{plan.capacity_gb:.3g} GB{how}), batch {s['batch_size']} x {s['max_length']} tokens, "
         f"{s['attention']} attention{', gradient checkpointing' if s['gradient_checkpointing'] else ''}",
         f"  per device: weights {plan.weights_gb:.2f} + LoRA {plan.lora_gb:.2f} + activations "
         f"{plan.activations_gb:.2f} + logits {plan.logits_gb:.3f}"
