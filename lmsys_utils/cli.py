@@ -41,6 +41,29 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import dataclasses
+    import json
+
+    from .config import Config
+    from .train import train
+
+    config = Config.load(args.config) if args.config else Config()
+    changes = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep or name not in {f.name for f in dataclasses.fields(Config)}:
+            raise ValueError(f"{item!r}: use FIELD=VALUE with a Config field, e.g. max_steps=100")
+        try:
+            changes[name] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[name] = value  # a bare string such as a path
+    history = train(dataclasses.replace(config, **changes))
+    last = history["eval"][-1] if history["eval"] else None
+    print(f"trained {history['total_steps']} steps" + (f"; valid log loss {last['log_loss']:.4f}" if last else ""))
+    return 0
+
+
 def cmd_preflight(args) -> int:
     from .auth import AccessError, preflight
 
@@ -124,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cuda", "xla", "cpu"], help="default: detected")
     p.add_argument("--rules", action="store_true", help="identical/empty-response rules (measure them first)")
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("train", help="fine-tune a model with LoRA (TPU, GPU or CPU) and save the adapter",
+                       description="Train with the settings of lmsys_utils.config.Config: load the CSV, split, "
+                                   "tokenize, LoRA, fit with step-level progress and checkpoints, save the adapter "
+                                   "and history.json to output_dir. The HF token comes from HF_TOKEN or a login.")
+    p.add_argument("--config", help="a Config JSON (Config.save writes one); default: the Kaggle TPU defaults")
+    p.add_argument("set", nargs="*", metavar="FIELD=VALUE",
+                   help="override Config fields, e.g. train_path=train.csv model=/path max_steps=100 resume=true")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("preflight", help="check that a model can be loaded (token, access, files) before downloading",
                        description="For a hub id: find the token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the Kaggle "
                                    "secret HF_TOKEN, the stored login) and check access without downloading. "

@@ -234,18 +234,21 @@ def test_user_errors_are_clear(tiny_model_dir, tokenizer, tmp_path):
 
 
 @pytest.mark.slow
-def test_train_entry_point_end_to_end(tiny_model_dir, tmp_path):
+def test_train_entry_point_end_to_end_from_the_cli(tiny_model_dir, tmp_path, capsys):
+    from lmsys_utils.cli import main
     from lmsys_utils.demo import write_demo_data
     from lmsys_utils.model import load_for_inference
-    from lmsys_utils.train import train
 
     train_path, _ = write_demo_data(tmp_path / "data", n_train=120, n_test=4)
-    config = small_config(tmp_path, train_path=str(train_path), model=str(tiny_model_dir), max_steps=6,
+    config = small_config(tmp_path, train_path=str(train_path), model=str(tiny_model_dir), max_steps=5,
                           eval_every=3, valid_frac=0.2, dtype="fp32")
-    history = train(config)
+    config.save(tmp_path / "settings.json")
+    assert main(["train", "--config", str(tmp_path / "settings.json"), "max_steps=6"]) == 0
+    assert "trained 6 steps; valid log loss" in capsys.readouterr().out
+    config.max_steps = 6
     out = tmp_path / "run"
+    history = json.loads((out / "history.json").read_text())
     assert history["device"] == "cpu" and len(history["loss"]) == 6 and len(history["eval"]) == 2
-    assert json.loads((out / "history.json").read_text())["loss"] == history["loss"]
     assert Config.load(out / "config.json") == config
     model, _ = load_for_inference(tiny_model_dir, out / "adapter", dtype="fp32")
     assert not model.training
