@@ -161,10 +161,18 @@ def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None,
 
 
 def _token_for(name_or_path, token):
-    from .auth import is_local, resolve_token
+    """The token for a hub id, after checking access (a clear AccessError before any download); None locally."""
+    from huggingface_hub import constants
+
+    from .auth import is_local, preflight, resolve_token
 
     # local folders need no token; resolving one there could call Kaggle's secret service for nothing
-    return None if is_local(name_or_path) else resolve_token(token)
+    if is_local(name_or_path):
+        return None
+    token = resolve_token(token)
+    if not constants.HF_HUB_OFFLINE:  # offline, transformers loads from the local cache or says what is missing
+        preflight(name_or_path, token=token)
+    return token
 
 
 def _torch_dtype(dtype, device_kind: str):

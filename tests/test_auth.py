@@ -1,5 +1,6 @@
 """Token resolution and preflight, against a local HTTP server that answers like the Hugging Face Hub."""
 
+import hashlib
 import http.server
 import json
 import os
@@ -20,23 +21,50 @@ PUBLIC, GATED, PRIVATE = "openai-community/gpt2", "meta-llama/Meta-Llama-3-8B-In
 
 
 class FakeHub(http.server.BaseHTTPRequestHandler):
-    """Answers /api/models/{id}/auth-check with the hub's status codes and X-Error-* headers."""
+    """Answers like the hub: auth-check and file downloads, with its status codes and X-Error-* headers.
+
+    GATED serves the files of `server.files_dir` (the tiny model) to the approved token only.
+    """
 
     def do_GET(self):
-        repo = self.path.removeprefix("/api/models/").removesuffix("/auth-check")
+        self._route(send_body=True)
+
+    def do_HEAD(self):
+        self._route(send_body=False)
+
+    def _route(self, send_body):
+        path = self.path.split("?")[0]
         auth = self.headers.get("Authorization", "")
         token = auth.removeprefix("Bearer ") if auth else None
-        self.server.seen_tokens.append(token)
+        self.server.seen.append((path, token))
         if token not in (None, GOOD, NO_ACCESS):
             return self._answer(401, message="Invalid credentials in Authorization header")
-        if repo == PUBLIC or (repo == GATED and token == GOOD):
-            return self._answer(200)
-        if repo == GATED:
+        if "/resolve/" in path:
+            repo, rest = path.lstrip("/").split("/resolve/", 1)
+        elif path.startswith("/api/models/") and path.endswith("/auth-check"):
+            repo, rest = path.removeprefix("/api/models/").removesuffix("/auth-check"), None
+        else:
+            return self._answer(404)  # model_info, file listings: the client copes without them
+        if repo == GATED and token != GOOD:
             return self._answer(401 if token is None else 403, code="GatedRepo",
                                 message=f"Access to model {repo} is restricted.")
         if repo == "teapot/broken":
             return self._answer(503)
-        self._answer(401 if token is None else 404, code="RepoNotFound", message="Repository not found")
+        if repo not in (PUBLIC, GATED):
+            return self._answer(401 if token is None else 404, code="RepoNotFound", message="Repository not found")
+        if rest is None:
+            return self._answer(200)
+        file = Path(self.server.files_dir or "/nonexistent") / rest.split("/", 1)[1]
+        if not file.is_file():
+            return self._answer(404, code="EntryNotFound", message="Entry not found")
+        data = file.read_bytes()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", "0" * 40)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(data)
 
     def _answer(self, status, code=None, message=None):
         self.send_response(status)
@@ -48,7 +76,8 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def log_message(self, *args):
         pass
@@ -57,7 +86,7 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def hub():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    server.seen_tokens = []
+    server.seen, server.files_dir = [], None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -113,7 +142,7 @@ def test_public_and_gated_with_access(hub, no_token, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", GOOD)
     verdict = preflight(GATED, endpoint=url)
     assert verdict.startswith("ok:") and "HF_TOKEN environment variable" in verdict and GOOD not in verdict
-    assert server.seen_tokens[-1] == GOOD  # the resolved token really went over the wire
+    assert server.seen[-1] == (f"/api/models/{GATED}/auth-check", GOOD)  # the resolved token went over the wire
 
 
 @pytest.mark.parametrize("repo, token, expected", [
@@ -132,6 +161,20 @@ def test_failures_say_what_to_do(hub, no_token, repo, token, expected):
         assert part in message
     assert token is None or token not in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_model_loading_checks_access_before_any_download(hub, no_token, monkeypatch):
+    from huggingface_hub import constants
+
+    from lmsys_utils.model import load_tokenizer
+
+    server, url = hub
+    monkeypatch.setattr(constants, "ENDPOINT", url)  # what HF_ENDPOINT sets when read at import
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    server.seen.clear()
+    with pytest.raises(AccessError, match="gated model and no Hugging Face token"):
+        load_tokenizer(GATED)
+    assert server.seen == [(f"/api/models/{GATED}/auth-check", None)]  # nothing else was requested
 
 
 def test_no_network(no_token):
@@ -176,3 +219,43 @@ def test_cli_uses_hf_endpoint_and_never_shows_the_token(hub, tmp_path):
     assert outputs[0].startswith("ok:")
     assert "request access" in outputs[1] and "create a new" in outputs[2] and "check the id" in outputs[3]
     assert all(len(o.strip().splitlines()) == 1 for o in outputs[1:])  # one line, no traceback
+
+
+RUN = """
+import sys
+from lmsys_utils.model import add_lora, load_for_inference, save_adapter
+
+model, tokenizer = load_for_inference(sys.argv[1])
+model = add_lora(model, r=2)
+save_adapter(model, tokenizer, sys.argv[2], settings={"model": sys.argv[1], "token": "not this one"})
+print("saved adapter of", type(model.base_model.model).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_gated_hub_model_run_never_writes_the_token(hub, tiny_model_dir, tmp_path):
+    """A fresh process loads the gated model from the hub with HF_TOKEN, adds LoRA and saves the adapter.
+
+    The same token must reach every tokenizer and model download (the seed bug), and appear in nothing the
+    run wrote: stdout, stderr, the adapter folder, the download cache.
+    """
+    server, url = hub
+    server.files_dir, server.seen = tiny_model_dir, []
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_TOKEN": GOOD,
+           "HF_HUB_DISABLE_TELEMETRY": "1", "TRANSFORMERS_VERBOSITY": "debug", "HF_DEBUG": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    try:
+        run = subprocess.run([sys.executable, "-c", RUN, GATED, str(tmp_path / "adapter")], env=env,
+                             capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    finally:
+        server.files_dir = None
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "saved adapter of LlamaForSequenceClassification" in run.stdout
+    downloads = [(p, t) for p, t in server.seen if "/resolve/" in p]
+    assert {p.rsplit("/", 1)[1] for p, _ in downloads} >= {"config.json", "tokenizer.json", "model.safetensors"}
+    assert all(t == GOOD for _, t in downloads)
+
+    assert GOOD not in run.stdout + run.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" for p in written) and any(p.name == "adapter_config.json" for p in written)
+    assert [p for p in written if GOOD.encode() in p.read_bytes()] == []
