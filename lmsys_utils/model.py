@@ -12,7 +12,7 @@ LABEL2ID = {v: k for k, v in ID2LABEL.items()}
 SETTINGS_FILE = "run_settings.json"
 QUANTIZATIONS = (None, "8bit", "4bit")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-# LoRA targets per architecture: every attention projection (the anchor's o/v only under-fits)
+# LoRA targets per architecture: all attention projections (ANCHORS.md: o_proj on top of q/k/v helped Gemma-2)
 LORA_TARGETS = {
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
                     ("q_proj", "k_proj", "v_proj", "o_proj")),

@@ -160,12 +160,12 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model_dir, tokenizer, batch
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6)
 
 
-XLA_CHECKPOINTING = """
+ON_XLA = """
 import sys, torch
 import torch_xla.core.xla_model as xm
 from torch_xla.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
-from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+from lmsys_utils.model import add_lora, load_classifier, load_for_inference, load_tokenizer, save_adapter
 
 tokenizer = load_tokenizer(sys.argv[1])
 batch = dict(tokenizer(["Which answer is better? A says yes.", "tie"], padding=True, return_tensors="pt"))
@@ -187,13 +187,26 @@ assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 17
 for name in grads[1]:
     torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-5)
 print("same gradients")
+
+# saving straight from XLA tensors fails in peft; save_adapter copies the adapter to the CPU first
+model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", device_kind="xla"), r=4).to(device).eval()
+for p in model.parameters():
+    if p.requires_grad:
+        p.data.normal_(0, 0.1)
+with torch.no_grad():
+    on_xla = model(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
+save_adapter(model, tokenizer, sys.argv[2])
+reloaded, _ = load_for_inference(sys.argv[1], sys.argv[2])
+with torch.no_grad():
+    torch.testing.assert_close(reloaded(**batch).logits, on_xla, rtol=1e-4, atol=1e-5)
+print("saved from XLA")
 """
 
 
 @pytest.mark.xla
 @pytest.mark.slow
-def test_gradient_checkpointing_on_xla(tiny_model_dir):
-    """transformers' own checkpointing fails on XLA; torch_xla's checkpoint gives the CPU gradients.
+def test_gradient_checkpointing_and_saving_on_xla(tiny_model_dir, tmp_path):
+    """On XLA (CPU-backed): torch_xla's checkpoint gives the CPU gradients; an adapter saved there reloads exactly.
 
     In a fresh process: a CPU backward before the XLA runtime starts breaks every later XLA backward
     (autograd's device queues are sized once), and earlier tests in this session run CPU backwards.
@@ -201,9 +214,9 @@ def test_gradient_checkpointing_on_xla(tiny_model_dir):
     pytest.importorskip("torch_xla")
     env = {**os.environ, "PJRT_DEVICE": "CPU"}
     env.pop("CPU_NUM_DEVICES", None)
-    run = subprocess.run([sys.executable, "-c", XLA_CHECKPOINTING, str(tiny_model_dir)], env=env,
+    run = subprocess.run([sys.executable, "-c", ON_XLA, str(tiny_model_dir), str(tmp_path / "adapter")], env=env,
                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert run.returncode == 0 and "same gradients" in run.stdout, run.stderr[-3000:]
+    assert run.returncode == 0 and "same gradients" in run.stdout and "saved from XLA" in run.stdout, run.stderr[-3000:]
 
 
 @pytest.mark.parametrize("quantization, tolerance", [("8bit", 0.02), ("4bit", 0.1)])
