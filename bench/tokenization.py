@@ -1,19 +1,13 @@
 """Rows/s of formatting + budgeted tokenization against the anchor's naive strings, and what each truncates.
 
-Run: .venv/bin/python bench/tokenize.py [--rows 57000] [--max-length 1024]
+Run: .venv/bin/python bench/tokenization.py [--rows 57000] [--max-length 1024]
 """
 
-import os
-import sys
+import argparse
+import time
+from pathlib import Path
 
-# this file is named like the stdlib module `tokenize`; keep its folder off the import path
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
-
-import argparse  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arena" / "train_sample.csv"
 ANCHOR = "User prompt: {p}\n\nModel A :\n{a}\n\n--------\n\nModel B:\n{b}"
