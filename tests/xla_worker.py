@@ -1,0 +1,112 @@
+"""XLA runs for tests/test_train_xla.py, each in a process of its own; prints its result as JSON (last line).
+
+Own processes because SPMD must be on before any XLA tensor exists, and because a CPU backward pass run
+earlier in a process (other tests) leaves autograd unable to run XLA backward passes.
+Usage: PJRT_DEVICE=CPU [CPU_NUM_DEVICES=4] python tests/xla_worker.py {fit,guard,checkpointing} MODEL_DIR OUT_DIR
+"""
+
+import io
+import json
+import sys
+import warnings
+
+import torch
+
+from lmsys_utils import device as dev
+from lmsys_utils.config import Config
+from lmsys_utils.data import LABEL_COLUMNS, split_train_valid
+from lmsys_utils.demo import make_demo_data
+from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+from lmsys_utils.train import fit
+
+
+def demo_split(n, seed):
+    df = make_demo_data(n, seed=seed)
+    df["label"] = df[list(LABEL_COLUMNS)].to_numpy().argmax(axis=1)
+    return split_train_valid(df, 0.25, seed=0)
+
+
+def lora_model(model_dir, tokenizer, kind, dtype, dropout):
+    model = load_classifier(model_dir, tokenizer, dtype=dtype, device_kind=kind)
+    torch.manual_seed(0)
+    return add_lora(model, r=4, alpha=8, dropout=dropout)
+
+
+def fit_run(model_dir, out_dir, kind: str) -> dict:
+    """6 fp32 steps without dropout: the same numbers on 4 SPMD devices, one XLA device or eager CPU."""
+    dev.get_device(kind)  # SPMD on before the first XLA tensor
+    tokenizer = load_tokenizer(model_dir)
+    model = lora_model(model_dir, tokenizer, kind, "fp32", 0.0)
+    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, lr=5e-3,
+                    warmup_steps=2, max_steps=6, log_every=3, eval_every=None, save_every=None, lora_r=4,
+                    lora_alpha=8, lora_dropout=0.0, seed=0, dtype="fp32")
+    train_df, valid_df = demo_split(96, seed=1)
+    history = fit(model, tokenizer, train_df, valid_df, config, device_kind=kind, progress_file=io.StringIO())
+    if kind == "xla":
+        import torch_xla
+
+        lora = next(p for n, p in model.named_parameters() if "lora_A" in n)
+        history["lora_sharding"] = torch_xla._XLAC._get_xla_sharding_spec(lora)
+        history["devices"] = dev.num_data_shards(kind)
+    return history
+
+
+def guard_run(model_dir, out_dir) -> dict:
+    """36 bf16 steps with evals every 10; from step 33 on the training batches get a new shape."""
+    tokenizer = load_tokenizer(model_dir)
+    model = lora_model(model_dir, tokenizer, "xla", None, 0.05)  # bf16, eager attention
+    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=4, lr=3e-3,
+                    warmup_steps=2, max_steps=36, log_every=4, eval_every=10, save_every=None, lora_r=4,
+                    lora_alpha=8, seed=0)
+    calls = {"n": 0}
+    real_to_device = dev.to_device
+
+    def shrink_late_batches(batch, kind):
+        calls["n"] += "labels" in batch
+        if calls["n"] > 32 and "labels" in batch:
+            batch = {k: (v[:, :48] if k != "labels" else v) for k, v in batch.items()}
+        return real_to_device(batch, kind)
+
+    dev.to_device = shrink_late_batches
+    train_df, valid_df = demo_split(160, seed=2)
+    out = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = fit(model, tokenizer, train_df, valid_df, config, device_kind="xla", progress_file=out)
+    history["progress"] = out.getvalue()
+    history["warnings"] = [str(w.message) for w in caught]
+    return history
+
+
+def checkpointing_grads(model_dir) -> dict:
+    """LoRA gradients of one batch with and without XLA gradient checkpointing."""
+    from lmsys_utils.batching import pad_batch
+
+    device = dev.get_device("xla")
+    tokenizer = load_tokenizer(model_dir)
+    batch = {k: v.to(device) for k, v in pad_batch([[1, 5, 9, 33, 40], [1, 7, 8]], 0, 8).items()}
+    result = {}
+    for checkpointing in (False, True):
+        model = load_classifier(model_dir, tokenizer, dtype="fp32", device_kind="xla",
+                                gradient_checkpointing=checkpointing)
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+        torch.manual_seed(0)
+        model = add_lora(model, r=4, alpha=8, dropout=0.0).to(device).train()
+        model(**batch).logits.sum().backward()
+        dev.sync("xla")  # one graph for forward + backward, then plain reads
+        result[str(checkpointing)] = {
+            "functions": [m._gradient_checkpointing_func.func.__module__ for m in layers],
+            "grads": {n: p.grad.cpu().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad},
+        }
+    return result
+
+
+if __name__ == "__main__":
+    job, model_dir = sys.argv[1], sys.argv[2]
+    if job == "fit":
+        result = fit_run(model_dir, sys.argv[3], "xla")
+    elif job == "guard":
+        result = guard_run(model_dir, sys.argv[3])
+    else:
+        result = checkpointing_grads(model_dir)
+    print(json.dumps(result))
