@@ -10,27 +10,24 @@ from __future__ import annotations
 import os
 import sys
 
-# run as a script, this folder is sys.path[0]: a bench/tokenize.py there would shadow the standard library's
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+import dataclasses
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from lmsys_utils import device as dev  # noqa: E402
-from lmsys_utils.batching import train_batches  # noqa: E402
-from lmsys_utils.config import Config  # noqa: E402
-from lmsys_utils.data import LABEL_COLUMNS  # noqa: E402
-from lmsys_utils.demo import make_demo_data  # noqa: E402
-from lmsys_utils.model import add_lora, build_tiny_model, load_classifier, load_tokenizer  # noqa: E402
-from lmsys_utils.text import encode_rows  # noqa: E402
-from lmsys_utils.train import fit  # noqa: E402
+from lmsys_utils import device as dev
+from lmsys_utils.batching import train_batches
+from lmsys_utils.config import Config
+from lmsys_utils.data import LABEL_COLUMNS
+from lmsys_utils.demo import make_demo_data
+from lmsys_utils.model import add_lora, build_tiny_model, load_classifier, load_tokenizer
+from lmsys_utils.text import encode_rows
+from lmsys_utils.train import fit
 
 STEPS = 60
 XLA_STEPS = 100
