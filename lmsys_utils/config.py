@@ -52,10 +52,10 @@ class Config:
     """Passes over the training set (fractions allowed)."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides epochs)."""
-    batch_size: int = 16
-    """Rows per optimizer step across all devices (before gradient accumulation)."""
-    grad_accum: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    batch_size: int = 8
+    """Rows per micro-batch across all devices (8 rows x 1024 tokens fit a TPU v3-8 with an 8B model)."""
+    grad_accum: int = 2
+    """Micro-batches accumulated into one optimizer step (default: 16 rows per step)."""
     lr: float = 5e-5
     """Peak learning rate of AdamW."""
     weight_decay: float = 0.0
@@ -74,6 +74,10 @@ class Config:
     """Steps between validation runs (None: only at the end)."""
     save_every: int | None = 200
     """Steps between checkpoints (None: only at the end)."""
+    memory_target: str = "auto"
+    """Device the memory plan checks before loading: auto (this machine), tpu-v3-8, tpu-v5e-8, t4, 2xt4, gpu:NN, cpu."""
+    force: bool = False
+    """Train even when the memory plan says the setup does not fit."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
     seed: int = 42

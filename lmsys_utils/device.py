@@ -41,6 +41,20 @@ def get_device(kind: str | None = None) -> torch.device:
     return torch.device("cuda" if kind == "cuda" else "cpu")
 
 
+def memory_target(kind: str) -> str:
+    """This machine as a target of the memory plan (lmsys_utils.memory): TPU chips, GPUs of N GB, or CPU RAM."""
+    if kind == "xla":
+        import torch_xla.runtime as xr
+
+        # v3-8 and v5e-8 both have 16 GB per device; XLA on a CPU (tests, smoke runs) uses RAM
+        return "cpu" if xr.device_type() == "CPU" else "tpu-v3-8"
+    if kind == "cuda":
+        n = torch.cuda.device_count()
+        usable_gb = torch.cuda.get_device_properties(0).total_memory / 1e9 * 0.94  # CUDA context and allocator
+        return f"{n}xgpu:{usable_gb:.1f}" if n > 1 else f"gpu:{usable_gb:.1f}"
+    return "cpu"
+
+
 def default_dtype(kind: str) -> torch.dtype:
     """bf16 on TPU, fp16 on GPU (a T4 has no fast bf16), fp32 on CPU."""
     return {"xla": torch.bfloat16, "cuda": torch.float16}.get(kind, torch.float32)

@@ -378,7 +378,7 @@ def format_plan(plan: MemoryPlan) -> str:
     how = {"single": "", "fsdp": ", FSDP-sharded", "replicate": ", one copy per GPU",
            "split": ", one model split across the GPUs"}[plan.placement]
     lines = [
-        f"{plan.params / 1e9:.2f}B params, {precision}, {what} on {s['target']} ({plan.devices} x "
+        f"{_count(plan.params)} params, {precision}, {what} on {s['target']} ({plan.devices} x "
         f"{plan.capacity_gb:.3g} GB{how}), batch {s['batch_size']} x {s['max_length']} tokens, "
         f"{s['attention']} attention{', gradient checkpointing' if s['gradient_checkpointing'] else ''}",
         f"  per device: weights {plan.weights_gb:.2f} + LoRA {plan.lora_gb:.2f} + activations "
@@ -389,6 +389,10 @@ def format_plan(plan: MemoryPlan) -> str:
     if not plan.fits:
         lines.append(f"  cheapest fix: {plan.advice or 'none found: use a smaller model or a bigger device'}")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n:,}"
 
 
 def check_fits(plan: MemoryPlan, force: bool = False) -> MemoryPlan:

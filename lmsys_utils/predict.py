@@ -221,7 +221,8 @@ def _show(values, n: int = 5) -> str:
 
 def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = False, max_length: int = 1024,
             max_tokens: int = 16384, token=None, quantization: str | None = None, dtype=None,
-            device_kind: str | None = None, rules: bool = False, progress: bool = True) -> pd.DataFrame:
+            device_kind: str | None = None, rules: bool = False, progress: bool = True,
+            memory_target: str | None = None, force: bool = False) -> pd.DataFrame:
     """The inference entry point (CLI and notebook): load the model, predict a test CSV, write the submission.
 
     Args:
@@ -231,13 +232,20 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
         device_kind: "cuda" | "xla" | "cpu" (default: detect()). On CUDA every visible GPU gets its own copy
             of the model and a share of the rows.
         rules: apply `apply_rules` to degenerate rows (measure with `compare_rules` first).
+        memory_target: what the memory plan checks before loading (default: this machine, see
+            `device.memory_target`); a setup that cannot fit is refused unless `force`.
     """
     from .device import detect
+    from .device import memory_target as this_machine
+    from .memory import check_fits, format_plan, plan_memory
 
     df, _ = load_arena(data_path, drop_invalid=True)
     device_kind = device_kind or detect()
+    plan = plan_memory(model, memory_target or this_machine(device_kind), quantization=quantization,
+                       batch_size=max(1, max_tokens // max_length), max_length=max_length, token=token)
+    print(format_plan(check_fits(plan, force=force)))
     models, tokenizer = load_models(model, adapter, token=token, dtype=dtype, device_kind=device_kind,
-                                    quantization=quantization)
+                                    quantization=quantization, placement=plan.placement)
     probs = predict_proba(models, tokenizer, df, max_length=max_length, max_tokens=max_tokens, tta=tta,
                           device_kind=device_kind, progress=progress)
     if rules:
@@ -253,15 +261,20 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
 
 
 def load_models(name_or_path, adapter=None, token=None, dtype=None, device_kind: str = "cpu",
-                quantization: str | None = None):
+                quantization: str | None = None, placement: str | None = None):
     """The model(s) to predict with and the tokenizer: one copy per visible GPU on CUDA (Kaggle's 2x T4),
-    one copy sharded over all devices on XLA, one on CPU."""
+    or with placement="split" (a copy does not fit one GPU) one model split across them; one copy sharded
+    over all devices on XLA; one on CPU."""
     import torch
 
     from .device import prepare_model
     from .model import load_for_inference
 
     kwargs = dict(adapter_dir=adapter, token=token, dtype=dtype, device_kind=device_kind, quantization=quantization)
+    if device_kind == "cuda" and placement == "split":
+        # layers spread over the GPUs in turn: it fits, but only one GPU works at a time
+        model, tokenizer = load_for_inference(name_or_path, **kwargs, device_map="auto")
+        return [model], tokenizer
     if device_kind == "cuda":
         loaded = [load_for_inference(name_or_path, **kwargs, device_map={"": i})
                   for i in range(torch.cuda.device_count())]

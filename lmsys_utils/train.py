@@ -290,6 +290,7 @@ def train(config, token=None) -> dict:
     """The entry point: load data, split, tokenizer, model, LoRA, fit, then save the adapter and history."""
     from . import device as dev
     from .data import load_arena, split_train_valid
+    from .memory import check_fits, format_plan, plan_from_config
     from .model import add_lora, load_classifier, load_tokenizer, save_adapter
 
     kind = dev.detect() if config.device == "auto" else config.device
@@ -305,6 +306,11 @@ def train(config, token=None) -> dict:
     else:
         train_df, valid_df = df, None
     tokenizer = load_tokenizer(config.model, token=token)
+    # know before loading: refuse a setup the memory plan says cannot fit, unless forced
+    target = dev.memory_target(kind) if config.memory_target == "auto" else config.memory_target
+    plan = check_fits(plan_from_config(config, target, training=True, token=token), force=config.force)
+    if main:
+        print(format_plan(plan))
     dtype = {"auto": dev.default_dtype(kind), "bf16": torch.bfloat16, "fp16": torch.float16,
              "fp32": torch.float32}[config.dtype]
     model = load_classifier(config.model, tokenizer, token=token, dtype=dtype, device_kind=kind,
