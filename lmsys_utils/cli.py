@@ -14,29 +14,33 @@ def cmd_check_data(args) -> int:
     return 0
 
 
+def _quiet_libraries() -> None:
+    """Keep the output to our own progress: no per-file weight-loading bars or deprecation notes of libraries."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
 def cmd_demo(args) -> int:
-    from pathlib import Path
+    from .demo import run_demo
 
-    from .data import load_arena
-    from .demo import write_demo_data
-
-    out = Path(args.out)
-    train_path, test_path = (Path(args.data), None) if args.data else write_demo_data(out / "data")
-    df, summary = load_arena(train_path)
-    print(summary)
-    from .plots import save_eda_figures
-
-    figures = save_eda_figures(df, out / "figures")
-    print(f"EDA figures: {len(figures)} PNGs in {out / 'figures'}")
+    _quiet_libraries()
+    run_demo(args.out, data=args.data, max_steps=args.max_steps)
     return 0
 
 
 def cmd_predict(args) -> int:
     from .predict import predict
 
+    _quiet_libraries()
     sub = predict(args.data, args.model, adapter=args.adapter, out=args.out, tta=args.tta,
                   max_length=args.max_length, max_tokens=args.max_tokens, quantization=args.quantization,
-                  device_kind=args.device, rules=args.rules)
+                  device_kind=args.device, rules=args.rules, memory_target=args.memory_target,
+                  force=args.force)
     print(f"wrote {args.out}: {len(sub)} rows")
     return 0
 
@@ -48,6 +52,7 @@ def cmd_train(args) -> int:
     from .config import Config
     from .train import train
 
+    _quiet_libraries()
     config = Config.load(args.config) if args.config else Config()
     changes = {}
     for item in args.set:
@@ -127,9 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("demo", help="the main job on the project's own synthetic data (no download)",
-                       description="Make synthetic demo data, validate it, and run the pipeline on it.")
+                       description="Make synthetic battles in the competition format (or use --data), draw the "
+                                   "EDA figures, train the tiny model on the CPU with the step-level bar, evaluate "
+                                   "on a held-out split against the uniform guess and the class prior, and write a "
+                                   "checked submission.csv, metrics.json and the figures under --out.")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--data", help="use this competition-format train CSV instead of the demo data")
+    p.add_argument("--max-steps", type=int, help="stop training after this many steps (default: three epochs)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("predict", help="predict a test CSV and write a checked submission",
@@ -146,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes weights (GPU)")
     p.add_argument("--device", choices=["cuda", "xla", "cpu"], help="default: detected")
     p.add_argument("--rules", action="store_true", help="identical/empty-response rules (measure them first)")
+    p.add_argument("--memory-target", help="device the memory plan checks (default: this machine), e.g. 2xt4")
+    p.add_argument("--force", action="store_true", help="predict even if the memory plan says it does not fit")
     p.set_defaults(func=cmd_predict)
     p = sub.add_parser("train", help="fine-tune a model with LoRA (TPU, GPU or CPU) and save the adapter",
                        description="Train with the settings of lmsys_utils.config.Config: load the CSV, split, "
