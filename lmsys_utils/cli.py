@@ -70,13 +70,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_preflight(args) -> int:
-    from .auth import AccessError, preflight
+    from .auth import preflight
+    from .device import detect, memory_target
+    from .memory import format_plan, plan_memory
 
-    try:
-        print(preflight(args.model))
-    except AccessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    print(preflight(args.model))
+    plan = plan_memory(args.model, args.target or memory_target(detect()), quantization=args.quantization,
+                       training=args.train, batch_size=args.batch_size, max_length=args.max_length)
+    print(format_plan(plan))
     return 0
 
 
@@ -173,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "For a local folder: check config.json, tokenizer and weights. Exits 1 with "
                                    "what to do when the model cannot be used.")
     p.add_argument("--model", required=True, help="hub id or local folder, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
+    p.add_argument("--target", help="device for the memory plan: tpu-v3-8, tpu-v5e-8, t4, 2xt4, gpu:NN, cpu "
+                                    "(default: this machine)")
+    p.add_argument("--train", action="store_true", help="plan for training (LoRA, AdamW) instead of prediction")
+    p.add_argument("--quantization", choices=["8bit", "4bit"], help="plan for bitsandbytes weights")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch in the plan (default 8)")
+    p.add_argument("--max-length", type=int, default=1024, help="tokens per row in the plan (default 1024)")
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("eda", help="write the exploratory figures of a training CSV as PNGs",
@@ -205,10 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .data import ArenaDataError
+    from .auth import AccessError
+    from .memory import DoesNotFitError
 
     try:
         return args.func(args)
-    except (ArenaDataError, FileNotFoundError, ValueError) as e:
+    # errors a user can cause (bad file, no access, a setup that cannot fit) carry their own fix: no traceback
+    except (ValueError, FileNotFoundError, AccessError, DoesNotFitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -362,7 +362,14 @@ def _describe(s: dict, change: dict, plan: MemoryPlan) -> str:
 
 def plan_from_config(config, target: str, training: bool, quantization: str | None = None,
                      token: str | None = None) -> MemoryPlan:
-    """The plan for a run's `Config` (train: its batch; predict: rows of max_length in predict_batch_tokens)."""
+    """The plan for a run's `Config` (train: its batch; predict: rows of max_length in predict_batch_tokens).
+
+    `target` "auto" is the machine this runs on (`device.memory_target` of `config.device`).
+    """
+    if target == "auto":
+        from .device import detect, memory_target
+
+        target = memory_target(detect() if config.device == "auto" else config.device)
     batch = config.batch_size if training else max(1, config.predict_batch_tokens // config.max_length)
     return plan_memory(config.model, target, dtype=config.dtype, quantization=quantization, training=training,
                        batch_size=batch, max_length=config.max_length, lora_r=config.lora_r,

@@ -307,8 +307,8 @@ def train(config, token=None) -> dict:
         train_df, valid_df = df, None
     tokenizer = load_tokenizer(config.model, token=token)
     # know before loading: refuse a setup the memory plan says cannot fit, unless forced
-    target = dev.memory_target(kind) if config.memory_target == "auto" else config.memory_target
-    plan = check_fits(plan_from_config(config, target, training=True, token=token), force=config.force)
+    plan = check_fits(plan_from_config(dataclasses.replace(config, device=kind), config.memory_target, training=True,
+                                       token=token), force=config.force)
     if main:
         print(format_plan(plan))
     dtype = {"auto": dev.default_dtype(kind), "bf16": torch.bfloat16, "fp16": torch.float16,

@@ -203,9 +203,13 @@ def test_local_folder(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_uses_hf_endpoint_and_never_shows_the_token(hub, tmp_path):
-    """`python -m lmsys_utils preflight` in a fresh process: HF_ENDPOINT is read at import, as on Kaggle."""
-    _, url = hub
+def test_cli_uses_hf_endpoint_and_never_shows_the_token(hub, tiny_model_dir, tmp_path):
+    """`python -m lmsys_utils preflight` in a fresh process: HF_ENDPOINT is read at import, as on Kaggle.
+
+    After the access check it prints the memory plan, from the hub's config.json (downloaded with the token).
+    """
+    server, url = hub
+    server.files_dir = tiny_model_dir
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
     outputs = []
     for token, repo, rc in [(GOOD, GATED, 0), (NO_ACCESS, GATED, 1), ("hf_revokedToken000", GATED, 1),
@@ -216,7 +220,7 @@ def test_cli_uses_hf_endpoint_and_never_shows_the_token(hub, tmp_path):
         assert run.returncode == rc, run.stderr
         assert token not in run.stdout + run.stderr
         outputs.append(run.stdout + run.stderr)
-    assert outputs[0].startswith("ok:")
+    assert outputs[0].startswith("ok:") and "params, fp" in outputs[0] and "FITS" in outputs[0]
     assert "request access" in outputs[1] and "create a new" in outputs[2] and "check the id" in outputs[3]
     assert all(len(o.strip().splitlines()) == 1 for o in outputs[1:])  # one line, no traceback
 

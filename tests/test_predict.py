@@ -344,3 +344,16 @@ def test_xla_buckets_compile_once_and_match_cpu(tiny_model_dir):
     # two buckets: one forward graph each, none on a rerun in another row order
     assert 0 < compiled <= 2 and recompiled == 0, (compiled, recompiled)
     assert diff_cpu < 1e-4 and diff_again < 1e-6
+
+
+def test_cli_predict_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_dir, arena_test_path, tmp_path, capsys):
+    from lmsys_utils.cli import main
+
+    out = tmp_path / "sub.csv"
+    args = ["predict", "--data", str(arena_test_path), "--model", str(tiny_model_dir), "--out", str(out),
+            "--max-length", "128", "--device", "cpu", "--memory-target", "cpu:0.01"]
+    assert main(args) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().err and not out.exists()
+    with pytest.warns(UserWarning, match="forced"):
+        assert main(args + ["--force"]) == 0
+    assert pd.read_csv(out)["id"].tolist() == OFFICIAL_TEST_IDS

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def small_config(tmp_path, **changes) -> Config:
-    base = Config(train_path="unused", output_dir=str(tmp_path / "run"), max_length=64, batch_size=4, lr=1e-2,
+    base = Config(train_path="unused", output_dir=str(tmp_path / "run"), max_length=64, batch_size=4, grad_accum=1, lr=1e-2,
                   warmup_steps=2, max_steps=12, log_every=4, eval_every=None, save_every=None, lora_r=4,
                   lora_alpha=8, lora_dropout=0.0, seed=0)
     return dataclasses.replace(base, **changes)
@@ -252,3 +252,20 @@ def test_train_entry_point_end_to_end_from_the_cli(tiny_model_dir, tmp_path, cap
     assert Config.load(out / "config.json") == config
     model, _ = load_for_inference(tiny_model_dir, out / "adapter", dtype="fp32")
     assert not model.training
+
+
+def test_train_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_dir, tmp_path, capsys):
+    from lmsys_utils.cli import main
+    from lmsys_utils.demo import write_demo_data
+
+    train_path, _ = write_demo_data(tmp_path / "data", n_train=60, n_test=4)
+    config = small_config(tmp_path, train_path=str(train_path), model=str(tiny_model_dir), max_steps=2,
+                          valid_frac=0.2, dtype="fp32", memory_target="cpu:0.05")  # 50 MB: far too small
+    config.save(tmp_path / "settings.json")
+    assert main(["train", "--config", str(tmp_path / "settings.json")]) == 1
+    err = capsys.readouterr().err
+    assert "DOES NOT FIT" in err and "--force" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "history.json").exists()  # refused before loading the model
+    with pytest.warns(UserWarning, match="forced"):
+        assert main(["train", "--config", str(tmp_path / "settings.json"), "force=true"]) == 0
+    assert (tmp_path / "run" / "history.json").exists()
