@@ -93,7 +93,7 @@ def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSumm
         )
     summary.labeled = bool(label_cols)
     summary.rows_read = len(df)
-    df["id"] = _parse_ids(df["id"], path)
+    df["id"] = parse_ids(df["id"], path)
 
     problems = []  # (row number, id, column, message)
     parsed = {c: [] for c in TEXT_COLUMNS}
@@ -155,7 +155,8 @@ def _read_csv(path: Path, summary: DataSummary) -> pd.DataFrame:
     return df
 
 
-def _parse_ids(ids: pd.Series, path: Path) -> pd.Series:
+def parse_ids(ids: pd.Series, path: Path) -> pd.Series:
+    """Integer ids when every id is a whole number (as in the competition files); duplicates are an error."""
     numeric = pd.to_numeric(ids, errors="coerce")
     if numeric.notna().all() and (numeric == numeric.round()).all():
         ids = numeric.astype("int64")
@@ -212,12 +213,13 @@ def _count_shapes(df: pd.DataFrame, summary: DataSummary) -> None:
     summary.turn_count_mismatches = int(
         ((df["response_a"].map(len) != n_prompt) | (df["response_b"].map(len) != n_prompt)).sum()
     )
-    empty = df["response_a"].map(_is_empty) | df["response_b"].map(_is_empty)
+    empty = df["response_a"].map(is_empty) | df["response_b"].map(is_empty)
     summary.empty_responses = int(empty.sum())
     summary.identical_responses = int((df["response_a"] == df["response_b"]).sum())
 
 
-def _is_empty(turns: list[str]) -> bool:
+def is_empty(turns: list[str]) -> bool:
+    """Whether a response (its list of turns) holds no text at all."""
     return not any(t.strip() for t in turns)
 
 

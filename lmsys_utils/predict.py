@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LABEL_COLUMNS, _is_empty, _parse_ids, load_arena, swap_ab
+from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab
 from .metrics import log_loss, normalize_probs
 
 # Values winning solutions used for degenerate rows (see notes/ANCHORS.md); columns A, B, tie.
@@ -137,8 +137,8 @@ def apply_rules(df: pd.DataFrame, probs, identical=IDENTICAL_PROBS, a_empty=A_EM
     Off by default in `predict`: measure it on your validation predictions with `compare_rules` first.
     """
     probs = np.array(probs, dtype=np.float64, copy=True)
-    empty_a = df["response_a"].map(_is_empty).to_numpy(dtype=bool)
-    empty_b = df["response_b"].map(_is_empty).to_numpy(dtype=bool)
+    empty_a = df["response_a"].map(is_empty).to_numpy(dtype=bool)
+    empty_b = df["response_b"].map(is_empty).to_numpy(dtype=bool)
     same = (df["response_a"] == df["response_b"]).to_numpy(dtype=bool) | (empty_a & empty_b)
     probs[empty_a & ~same] = a_empty
     probs[empty_b & ~same] = np.asarray(a_empty)[[1, 0, 2]]
@@ -285,4 +285,4 @@ def load_models(name_or_path, adapter=None, token=None, dtype=None, device_kind:
 
 def _file_ids(path) -> pd.Series:
     raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    return _parse_ids(raw["id"], Path(path))
+    return parse_ids(raw["id"], Path(path))
