@@ -113,7 +113,7 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model_dir = build_tiny_model(work / "model", hidden_size=128, num_layers=2)
     rows = make_demo_data(1000, seed=3)  # > 110 batches of 8: one epoch covers every run
-    config = Config(train_path="unused", output_dir=str(work / "run"), max_length=128, batch_size=8, lr=1e-3,
+    config = Config(train_path="unused", output_dir=str(work / "run"), max_length=128, batch_size=8, grad_accum=1, lr=1e-3,
                     warmup_steps=5, max_steps=STEPS, log_every=10, eval_every=None, save_every=None, lora_r=8,
                     lora_alpha=16, seed=0, schedule="cosine")
     if "--xla" in sys.argv:

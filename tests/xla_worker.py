@@ -37,7 +37,7 @@ def fit_run(model_dir, out_dir, kind: str) -> dict:
     dev.get_device(kind)  # SPMD on before the first XLA tensor
     tokenizer = load_tokenizer(model_dir)
     model = lora_model(model_dir, tokenizer, kind, "fp32", 0.0)
-    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, lr=5e-3,
+    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, grad_accum=1, lr=5e-3,
                     warmup_steps=2, max_steps=6, log_every=3, eval_every=None, save_every=None, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, seed=0, dtype="fp32")
     train_df, valid_df = demo_split(96, seed=1)
@@ -55,7 +55,7 @@ def guard_run(model_dir, out_dir) -> dict:
     """36 bf16 steps with evals every 10; from step 33 on the training batches get a new shape."""
     tokenizer = load_tokenizer(model_dir)
     model = lora_model(model_dir, tokenizer, "xla", None, 0.05)  # bf16, eager attention
-    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=4, lr=3e-3,
+    config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=4, grad_accum=1, lr=3e-3,
                     warmup_steps=2, max_steps=36, log_every=4, eval_every=10, save_every=None, lora_r=4,
                     lora_alpha=8, seed=0)
     calls = {"n": 0}
