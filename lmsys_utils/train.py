@@ -311,9 +311,7 @@ def train(config, token=None) -> dict:
                                        token=token), force=config.force)
     if main:
         print(format_plan(plan))
-    dtype = {"auto": dev.default_dtype(kind), "bf16": torch.bfloat16, "fp16": torch.float16,
-             "fp32": torch.float32}[config.dtype]
-    model = load_classifier(config.model, tokenizer, token=token, dtype=dtype, device_kind=kind,
+    model = load_classifier(config.model, tokenizer, token=token, dtype=config.dtype, device_kind=kind,
                             gradient_checkpointing=config.gradient_checkpointing)
     torch.manual_seed(config.seed)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
