@@ -34,6 +34,8 @@ class Config:
     """Hub id or local directory of the base model (e.g. /kaggle/input/llama-3/transformers/8b-chat-hf/1)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on TPU, fp16 on GPU, fp32 on CPU), bf16, fp16 or fp32."""
+    quantization: str | None = None
+    """bitsandbytes weights for QLoRA on a GPU: None, "8bit" or "4bit" (nf4). None on TPU."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -101,6 +103,7 @@ class Config:
             "log_every": self.log_every >= 1,
             "lora_r": self.lora_r >= 1,
             "dtype": self.dtype in ("auto", "bf16", "fp16", "fp32"),
+            "quantization": self.quantization in (None, "8bit", "4bit"),
             "schedule": self.schedule in ("cosine", "linear", "constant"),
             "device": self.device in ("auto", "xla", "cuda", "cpu"),
         }

@@ -371,8 +371,8 @@ def plan_from_config(config, target: str, training: bool, quantization: str | No
 
         target = memory_target(detect() if config.device == "auto" else config.device)
     batch = config.batch_size if training else max(1, config.predict_batch_tokens // config.max_length)
-    return plan_memory(config.model, target, dtype=config.dtype, quantization=quantization, training=training,
-                       batch_size=batch, max_length=config.max_length, lora_r=config.lora_r,
+    return plan_memory(config.model, target, dtype=config.dtype, quantization=quantization or config.quantization,
+                       training=training, batch_size=batch, max_length=config.max_length, lora_r=config.lora_r,
                        lora_targets=config.lora_targets, lora_dropout=config.lora_dropout,
                        gradient_checkpointing=config.gradient_checkpointing, token=token)
 

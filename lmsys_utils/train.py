@@ -312,7 +312,7 @@ def train(config, token=None) -> dict:
     if main:
         print(format_plan(plan))
     model = load_classifier(config.model, tokenizer, token=token, dtype=config.dtype, device_kind=kind,
-                            gradient_checkpointing=config.gradient_checkpointing)
+                            quantization=config.quantization, gradient_checkpointing=config.gradient_checkpointing)
     torch.manual_seed(config.seed)
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      targets=config.lora_targets)

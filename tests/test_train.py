@@ -269,3 +269,25 @@ def test_train_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_dir, tmp
     with pytest.warns(UserWarning, match="forced"):
         assert main(["train", "--config", str(tmp_path / "settings.json"), "force=true"]) == 0
     assert (tmp_path / "run" / "history.json").exists()
+
+
+@pytest.mark.parametrize("quantization", ["8bit", "4bit"])
+def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, quantization):
+    """Config.quantization loads bitsandbytes weights (runs on the CPU here, as on a GPU) and trains LoRA on top."""
+    import logging
+
+    from lmsys_utils.demo import write_demo_data
+    from lmsys_utils.model import load_for_inference
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    train_path, _ = write_demo_data(tmp_path / "data", n_train=80, n_test=4)
+    config = small_config(tmp_path, train_path=str(train_path), model=str(tiny_model_dir), max_steps=4,
+                          valid_frac=0.2, dtype="fp32", device="cpu", memory_target="cpu",
+                          quantization=quantization)
+    from lmsys_utils.train import train
+
+    history = train(config)
+    assert f"params, {quantization}, training" in capsys.readouterr().out  # the plan counted the quantized weights
+    assert len(history["loss"]) == 4 and np.isfinite(history["loss"]).all()
+    model, _ = load_for_inference(tiny_model_dir, tmp_path / "run" / "adapter", quantization=quantization)
+    assert any("bnb" in type(m).__module__ for m in model.modules())
