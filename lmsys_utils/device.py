@@ -181,11 +181,14 @@ def enable_gradient_checkpointing(model, kind: str) -> None:
 
 
 def compile_count() -> int:
-    """Graphs XLA has compiled so far in this process (0 off XLA)."""
+    """Graphs XLA has compiled so far in this process (0 off XLA).
+
+    Counts real compiles only: under SPMD each host read of a sharded result adds a cheap cached compile to
+    the CompileTime metric, which would set off the recompilation guard for nothing.
+    """
     import torch_xla.debug.metrics as met
 
-    data = met.metric_data("CompileTime")
-    return int(data[0]) if data else 0
+    return int(met.counter_value("UncachedCompile") or 0)
 
 
 def transfer_count() -> int:
