@@ -96,17 +96,26 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets
     return model
 
 
-def save_adapter(model, tokenizer, out_dir, settings: dict | None = None) -> Path:
+def adapter_state_dict(model) -> dict:
+    """The adapter's tensors (LoRA + score head) copied to the CPU.
+
+    Saving XLA tensors directly fails, and copying the whole 8B state dict would move 16 GB. On a multi-host
+    TPU slice reading a sharded tensor is collective: every process must call this, even those that write nothing.
+    """
+    adapter = model.active_adapter
+    return {k: v.detach().to("cpu") for k, v in model.state_dict().items() if adapter in k.split(".")}
+
+
+def save_adapter(model, tokenizer, out_dir, settings: dict | None = None, state_dict: dict | None = None) -> Path:
     """Write the peft adapter (LoRA + score head), the tokenizer and `run_settings.json` to `out_dir`.
 
-    Works for XLA models: only the adapter's tensors are copied to the CPU (saving XLA tensors directly fails;
-    copying the whole 8B state dict would move 16 GB).
+    Args:
+        state_dict: the adapter's CPU tensors from `adapter_state_dict` (default: gathered here; on a multi-host
+            slice gather on every process and pass it to the one process that writes).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = model.active_adapter
-    state_dict = {k: v.detach().to("cpu") for k, v in model.state_dict().items() if adapter in k.split(".")}
-    model.save_pretrained(out_dir, state_dict=state_dict)
+    model.save_pretrained(out_dir, state_dict=adapter_state_dict(model) if state_dict is None else state_dict)
     tokenizer.save_pretrained(out_dir)
     settings = {k: v for k, v in (settings or {}).items() if "token" not in k.lower() or not isinstance(v, str)}
     (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str))

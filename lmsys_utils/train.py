@@ -232,9 +232,10 @@ def save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step: int,
     inference), trainable weights, optimizer, scheduler, step, data position, RNG states and history.
     """
     from . import device as dev
-    from .model import save_adapter
+    from .model import adapter_state_dict, save_adapter
 
     # gather on every process (reading a sharded tensor is collective on a multi-host slice); only main writes
+    adapter = adapter_state_dict(model)
     state = {
         "step": step, "data_position": data_position, "history": history, "rng": dev.get_rng_state(kind),
         "trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
@@ -248,7 +249,7 @@ def save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, step: int,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     torch.save(state, tmp / "trainer_state.pt")
-    save_adapter(model, tokenizer, tmp / "adapter")
+    save_adapter(model, tokenizer, tmp / "adapter", state_dict=adapter)
     shutil.rmtree(final, ignore_errors=True)
     # the rename is the commit point: a process killed before it leaves only a .tmp dir that loading ignores
     os.rename(tmp, final)
@@ -291,7 +292,7 @@ def train(config, token=None) -> dict:
     from . import device as dev
     from .data import load_arena, split_train_valid
     from .memory import check_fits, format_plan, plan_from_config
-    from .model import add_lora, load_classifier, load_tokenizer, save_adapter
+    from .model import adapter_state_dict, add_lora, load_classifier, load_tokenizer, save_adapter
 
     kind = dev.detect() if config.device == "auto" else config.device
     dev.get_device(kind)  # on XLA, SPMD must be on before any XLA tensor exists
@@ -317,8 +318,10 @@ def train(config, token=None) -> dict:
     model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                      targets=config.lora_targets)
     history = fit(model, tokenizer, train_df, valid_df, config, device_kind=kind)
+    adapter = adapter_state_dict(model)  # on every process: collective on a multi-host slice
     if main:
-        save_adapter(model, tokenizer, Path(config.output_dir) / "adapter", settings=dataclasses.asdict(config))
+        save_adapter(model, tokenizer, Path(config.output_dir) / "adapter", settings=dataclasses.asdict(config),
+                     state_dict=adapter)
         config.save(Path(config.output_dir) / "config.json")
     return history
 
