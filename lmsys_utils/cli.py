@@ -96,9 +96,9 @@ def cmd_eda(args) -> int:
         print("no --data given: using the project's synthetic demo data")
     lengths = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from .model import load_tokenizer
 
-        lengths = token_lengths(AutoTokenizer.from_pretrained(args.tokenizer), df)
+        lengths = token_lengths(load_tokenizer(args.tokenizer), df)
     paths = save_eda_figures(df, Path(args.out), lengths=lengths, max_lengths=args.max_length,
                              top_n=args.top_n, tokenizer_name=Path(args.tokenizer or "").name)
     print(f"wrote {len(paths)} figures to {args.out}: {', '.join(p.name for p in paths.values())}")

@@ -204,11 +204,13 @@ def plot_duplicate_prompts(df: pd.DataFrame, top_n: int = 8, max_repeats: int = 
 
 
 def token_lengths(tokenizer, df: pd.DataFrame) -> np.ndarray:
-    """Untruncated token count of each row's model input (prompt, A and B in the training template)."""
-    from .text import format_row
+    """Untruncated token count of each row's model input, built exactly as training builds it."""
+    import sys
 
-    texts = [format_row(p, a, b) for p, a, b in zip(df["prompt"], df["response_a"], df["response_b"])]
-    return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+    from .text import encode_rows
+
+    _, stats = encode_rows(tokenizer, df, max_length=sys.maxsize, return_stats=True)
+    return stats["length"].to_numpy()
 
 
 def plot_token_lengths(lengths, max_lengths=(512, 1024, 2048), tokenizer_name: str = "") -> Figure:

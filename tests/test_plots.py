@@ -101,6 +101,12 @@ def test_token_lengths_legend_gives_the_truncated_share():
 def test_token_lengths_of_rows(demo_df, bpe_tokenizer):
     lengths = plots.token_lengths(bpe_tokenizer, demo_df.head(5))
     assert lengths.shape == (5,) and (lengths > 10).all()
+    # the figure's truncation shares are what training does: rows longer than max_length are the truncated ones
+    from lmsys_utils.text import encode_rows
+
+    cut = int(np.median(lengths))
+    _, stats = encode_rows(bpe_tokenizer, demo_df.head(5), max_length=cut, return_stats=True)
+    assert stats["truncated"].tolist() == (lengths > cut).tolist()
 
 
 def test_confusion_matrix_counts():
