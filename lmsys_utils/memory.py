@@ -3,7 +3,6 @@ verdict and the cheapest change that makes a setup fit; `check_fits` lets train/
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import re
@@ -109,7 +108,6 @@ def _architecture(config_json: str) -> tuple:
 
     raw = json.loads(config_json)
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
-    config = copy.deepcopy(config)
     config.num_labels = 3
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config)
@@ -319,7 +317,7 @@ def _cheapest_fix(config_or_path, settings: dict, backend: str, devices: int, to
     """Try changes from cheapest (smaller batch) to costliest (shorter text); describe the first that fits."""
     s = settings
     batches = [{"batch_size": s["batch_size"] // 2 ** i} for i in range(1, 12) if s["batch_size"] // 2 ** i >= 1]
-    steps = [[{}], batches]
+    steps = [batches]
     if s["training"] and not s["gradient_checkpointing"]:
         steps.append([{"gradient_checkpointing": True}] + [{"gradient_checkpointing": True, **x} for x in batches])
     if devices > 1 and backend == "cuda" and s["placement"] != "split":
@@ -332,7 +330,7 @@ def _cheapest_fix(config_or_path, settings: dict, backend: str, devices: int, to
             steps.append([{"quantization": quant, **e, **x} for e in extra for x in [{}] + batches])
     lengths = [{"max_length": s["max_length"] // 2 ** i} for i in range(1, 4) if s["max_length"] // 2 ** i >= 128]
     steps.append([{**x, "batch_size": 1, "gradient_checkpointing": s["training"]} for x in lengths])
-    for step in steps[1:]:
+    for step in steps:
         for change in step:
             trial = {**s, **change}
             trial.pop("target"), trial.pop("attention")
