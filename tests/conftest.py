@@ -1,8 +1,15 @@
 """Shared fixtures: the real Arena sample (skipped when absent), tokenizers and the tiny model."""
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time (a failure there is reproducible); local runs keep exploring new ones
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 ARENA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "arena"
 

@@ -220,14 +220,13 @@ def test_random_lengths_fit_and_keep_every_part_and_marker(bpe_tokenizer, turns,
         kept = sum(len(r[k]) for r in rounds)
         assert kept == stats.loc[0, f"{part}_kept"]
         assert stats.loc[0, f"{part}_tokens"] == 0 or kept >= 1 or not markers_fit
-    # within a part, turns newer than the oldest one it keeps text from are kept whole
-    recent = turns[len(turns) - len(rounds):]
+    # within a part, turns newer than the oldest one it keeps text from are kept whole. Compared part by part
+    # on the turns with text: a truncated row drops rounds that keep no text, and not only the oldest ones
+    # (a round whose only text is in an exhausted part goes, while an older round keeps its prompt)
     for k in range(3):
-        started = False
-        for segs, full in zip(rounds, recent):
-            if started:
-                assert bpe_tokenizer.decode(segs[k]) == full[k]
-            started = started or bool(segs[k])
+        full = [t[k] for t in turns if t[k]]
+        kept = [bpe_tokenizer.decode(r[k]) for r in rounds if r[k]]
+        assert kept[1:] == full[len(full) - len(kept) + 1:]
     if not stats.loc[0, "truncated"]:
         assert bpe_tokenizer.decode(row[1:]) == format_row(*(list(p) for p in zip(*turns)))
 
