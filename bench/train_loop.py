@@ -24,18 +24,18 @@ from lmsys_utils import device as dev
 from lmsys_utils.batching import train_batches
 from lmsys_utils.config import Config
 from lmsys_utils.data import LABEL_COLUMNS
-from lmsys_utils.demo import make_demo_data
-from lmsys_utils.model import add_lora, build_tiny_model, load_classifier, load_tokenizer
+from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+from lmsys_utils.synthetic import build_tiny_model, make_demo_data
 from lmsys_utils.text import encode_rows
-from lmsys_utils.train import fit
+from lmsys_utils.train import fit, setup
 
 STEPS = 60
 XLA_STEPS = 100
 
 
-def setup(model_dir, kind):
+def lora_model(model_dir, kind):
     tokenizer = load_tokenizer(model_dir)
-    model = load_classifier(model_dir, tokenizer, dtype="fp32", device_kind=kind)
+    model = load_classifier(model_dir, tokenizer, dtype="fp32", kind=kind)
     torch.manual_seed(0)
     return add_lora(model, r=8, alpha=16, dropout=0.05), tokenizer
 
@@ -47,7 +47,8 @@ def bare_loop(model, tokenizer, rows, config, kind, read_loss_every_step=False, 
     """
     from transformers import get_scheduler
 
-    device = dev.get_device(kind)
+    runtime = dev.resolve(kind, "fp32")
+    device = runtime.device
     model = model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr)
@@ -67,14 +68,14 @@ def bare_loop(model, tokenizer, rows, config, kind, read_loss_every_step=False, 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        dev.sync(kind)
+        runtime.sync()
         if read_loss_every_step:
             losses.append(float(loss))  # the anchor's pattern: a host read every step
         if step == 1:
             t0 = time.perf_counter()
         if step == count_from:
             counts = dev.compile_count(), dev.transfer_count()
-    dev.wait(kind)
+    runtime.wait()
     s_per_step = (time.perf_counter() - t0) / (config.max_steps - 1)
     if count_from is None:
         return s_per_step, losses, None
@@ -85,10 +86,11 @@ def bench_cpu(model_dir, rows, config):
     fit_s, bare_s = [], []
     with open(os.devnull, "w") as null:
         for _ in range(3):  # interleaved, so load from other processes hits both alike
-            model, tokenizer = setup(model_dir, "cpu")
+            model, tokenizer = lora_model(model_dir, "cpu")
             bare_s.append(bare_loop(model, tokenizer, rows, config, "cpu")[0])  # the same steps, no bar
-            model, tokenizer = setup(model_dir, "cpu")
-            fit_s.append(fit(model, tokenizer, rows, None, config, device_kind="cpu", progress_file=null)["step_s"])
+            model, tokenizer = lora_model(model_dir, "cpu")
+            state = setup(model, tokenizer, rows, None, config, dev.resolve("cpu", "fp32"))
+            fit_s.append(fit(state, config, null)["step_s"])
     return statistics.median(fit_s), statistics.median(bare_s), fit_s, bare_s
 
 
@@ -96,13 +98,13 @@ def bench_xla(model_dir, rows, config):
     """Compiles and host transfers over XLA_STEPS steps after a 10-step warm-up, fit() then the anchor loop."""
     config = dataclasses.replace(config, max_steps=10 + XLA_STEPS, log_every=10)
     with open(os.devnull, "w") as null:
-        model, tokenizer = setup(model_dir, "xla")
-        history = fit(model, tokenizer, rows, None, config, device_kind="xla", progress_file=null)
+        model, tokenizer = lora_model(model_dir, "xla")
+        history = fit(setup(model, tokenizer, rows, None, config, dev.resolve("xla", "fp32")), config, null)
     log = {e["step"]: e for e in history["xla_log"]}
     first, last = log[10], log[10 + XLA_STEPS]
     result = {"fit": {"compiles": last["compiles"] - first["compiles"],
                       "transfers": last["transfers"] - first["transfers"], "s_per_step": history["step_s"]}}
-    model, tokenizer = setup(model_dir, "xla")
+    model, tokenizer = lora_model(model_dir, "xla")
     s, _, (compiles, transfers) = bare_loop(model, tokenizer, rows, config, "xla", read_loss_every_step=True,
                                             count_from=10)
     result["anchor"] = {"compiles": compiles, "transfers": transfers, "s_per_step": s}

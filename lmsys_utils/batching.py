@@ -8,12 +8,20 @@ import numpy as np
 import torch
 
 
-def pad_batch(seqs, pad_id: int, length: int | None = None) -> dict:
+XLA_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)
+"""Padded lengths for inference on XLA (each compiles once); max_length is always added as the last one."""
+
+
+def pad_batch(seqs, pad_id: int, length: int | None = None, rows: int | None = None) -> dict:
     """Right-pad rows into {"input_ids", "attention_mask"} LongTensors.
 
     Args:
         length: pad to exactly this many columns (static shapes for XLA); None pads to the longest row.
+        rows: fill a short batch up to this many rows with copies of its last row (their outputs are dropped),
+            so it reuses the compiled graph of full batches.
     """
+    if rows is not None and len(seqs) < rows:
+        seqs = list(seqs) + [seqs[-1]] * (rows - len(seqs))
     longest = max((len(s) for s in seqs), default=0)
     if length is None:
         length = longest
@@ -26,6 +34,18 @@ def pad_batch(seqs, pad_id: int, length: int | None = None) -> dict:
         input_ids[i, :len(s)] = s
         attention_mask[i, :len(s)] = 1
     return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention_mask)}
+
+
+def rows_per_batch(max_tokens: int, length: int, shards: int = 1, max_batch: int | None = None) -> int:
+    """Rows of `length` tokens in a batch of at most `max_tokens` (at least one), rounded up to a multiple of
+    the `shards` devices a batch is split over."""
+    rows = max(1, min(max_tokens // max(length, 1), max_batch or max_tokens))
+    return -(-rows // shards) * shards
+
+
+def inference_buckets(max_length: int) -> list[int]:
+    """The padded lengths for inference on XLA: XLA_BUCKETS below max_length, then max_length."""
+    return sorted({b for b in XLA_BUCKETS if b < max_length} | {max_length})
 
 
 def bucket_length(n: int, buckets) -> int:
@@ -72,16 +92,17 @@ def train_batches(seqs, targets, batch_size: int, pad_id: int, length: int | Non
 
 
 def sorted_batches(seqs, pad_id: int, max_tokens: int, max_batch: int | None = None,
-                   buckets=None) -> Iterator[tuple[np.ndarray, dict]]:
+                   buckets=None, shards: int = 1) -> Iterator[tuple[np.ndarray, dict]]:
     """Length-sorted batches (longest first) of at most `max_tokens` padded tokens each.
 
-    Yields (original row indices, padded batch); write each batch's outputs to those indices to restore
-    the input order. Longest first, so an out-of-memory error shows up on the first batch. A row longer
-    than `max_tokens` goes alone in its batch.
+    Yields (original row indices, padded batch); write each batch's first len(indices) outputs to those
+    indices to restore the input order. Longest first, so an out-of-memory error shows up on the first batch.
+    A row longer than `max_tokens` goes alone in its batch.
 
     Args:
         max_batch: at most this many rows per batch.
-        buckets: pad to the smallest bucket length that fits (few distinct shapes for XLA).
+        buckets: pad to the smallest bucket length that fits, and fill every batch of a bucket to the same
+            row count (multiple of `shards`): each shape compiles once on XLA.
     """
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     order = np.argsort(-lengths, kind="stable")
@@ -90,7 +111,7 @@ def sorted_batches(seqs, pad_id: int, max_tokens: int, max_batch: int | None = N
     while i < len(order):
         width = bucket_length(int(lengths[order[i]]), buckets) if buckets else int(lengths[order[i]])
         # rows are sorted longest first, so the first row fixes the padded width of the batch
-        rows = max(1, min(max_batch, max_tokens // max(width, 1)))
+        rows = rows_per_batch(max_tokens, width, shards if buckets else 1, max_batch)
         idx = order[i:i + rows]
-        yield idx, pad_batch([seqs[j] for j in idx], pad_id, width)
+        yield idx, pad_batch([seqs[j] for j in idx], pad_id, width, rows=rows if buckets else None)
         i += rows

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import DEVICES, QUANTIZATIONS
+
 
 def cmd_check_data(args) -> int:
     from .data import load_arena
@@ -39,8 +41,7 @@ def cmd_predict(args) -> int:
     _quiet_libraries()
     sub = predict(args.data, args.model, adapter=args.adapter, out=args.out, tta=args.tta,
                   max_length=args.max_length, max_tokens=args.max_tokens, quantization=args.quantization,
-                  device_kind=args.device, rules=args.rules, memory_target=args.memory_target,
-                  force=args.force)
+                  device=args.device, rules=args.rules, memory_target=args.memory_target, force=args.force)
     print(f"wrote {args.out}: {len(sub)} rows")
     return 0
 
@@ -85,13 +86,14 @@ def cmd_eda(args) -> int:
     from pathlib import Path
 
     from .data import load_arena
-    from .demo import make_demo_data
     from .plots import save_eda_figures, token_lengths
 
     if args.data:
         df, summary = load_arena(args.data)
         print(summary)
     else:
+        from .synthetic import make_demo_data
+
         df = make_demo_data()
         print("no --data given: using the project's synthetic demo data")
     lengths = None
@@ -151,10 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="LoRA adapter directory written by training")
     p.add_argument("--out", default="submission.csv", help="submission path (default: submission.csv)")
     p.add_argument("--tta", action="store_true", help="average with the A/B-swapped prediction (2x time)")
-    p.add_argument("--max-length", type=int, default=1024, help="tokens per row (default: 1024)")
+    p.add_argument("--max-length", type=int,
+                   help="override the max_length saved with the adapter (default: the adapter's; printed when changed)")
     p.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch (default: 16384)")
-    p.add_argument("--quantization", choices=["8bit", "4bit"], help="bitsandbytes weights (GPU)")
-    p.add_argument("--device", choices=["cuda", "xla", "cpu"], help="default: detected")
+    p.add_argument("--quantization", choices=QUANTIZATIONS[1:], help="bitsandbytes weights (GPU)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="default: auto (detected)")
     p.add_argument("--rules", action="store_true", help="identical/empty-response rules (measure them first)")
     p.add_argument("--memory-target", help="device the memory plan checks (default: this machine), e.g. 2xt4")
     p.add_argument("--force", action="store_true", help="predict even if the memory plan says it does not fit")
@@ -177,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="device for the memory plan: tpu-v3-8, tpu-v5e-8, t4, 2xt4, gpu:NN, cpu "
                                     "(default: this machine)")
     p.add_argument("--train", action="store_true", help="plan for training (LoRA, AdamW) instead of prediction")
-    p.add_argument("--quantization", choices=["8bit", "4bit"], help="plan for bitsandbytes weights")
+    p.add_argument("--quantization", choices=QUANTIZATIONS[1:], help="plan for bitsandbytes weights")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch in the plan (default 8)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per row in the plan (default 1024)")
     p.set_defaults(func=cmd_preflight)

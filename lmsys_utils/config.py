@@ -1,10 +1,73 @@
-"""The settings of one run. Defaults are a real Kaggle TPU run of Llama-3-8B; tests shrink them."""
+"""The settings of one run (Config) and the encoding settings that travel with an adapter (EncodingSettings).
+
+Defaults are a real Kaggle TPU run of Llama-3-8B; tests shrink them with `dataclasses.replace`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
+
+QUANTIZATIONS = (None, "8bit", "4bit")
+"""bitsandbytes weights: none, 8-bit (LLM.int8) or 4-bit (nf4)."""
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "xla", "cuda", "cpu")
+ENCODING_FILE = "encoding.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    """Markers written before each turn; rounds are interleaved prompt, response A, response B.
+
+    Markers end in a newline so that, with byte-level BPE tokenizers, the text after a marker tokenizes
+    the same alone as inside the full string.
+    """
+
+    prompt: str = "<prompt>\n"
+    """Before each prompt turn."""
+    response_a: str = "\n\n<response_a>\n"
+    """Before each turn of response A."""
+    response_b: str = "\n\n<response_b>\n"
+    """Before each turn of response B."""
+    separator: str = "\n\n"
+    """Between rounds (before every prompt marker but the first)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodingSettings:
+    """How a row becomes model input. Saved with the adapter and read back by prediction, so a model is
+    predicted with the inputs it was trained on unless an override is asked for (and printed)."""
+
+    max_length: int = 1024
+    """Tokens per row after budgeted truncation."""
+    prompt_share: float = 0.3
+    """Most of max_length the prompt may take when a row is too long; A and B share the rest equally."""
+    keep_tail: int = 0
+    """Tokens kept from the end of a truncated part (0: keep only the head)."""
+    template: Template = Template()
+    """The markers around each turn."""
+
+    def as_kwargs(self) -> dict:
+        """The settings as keyword arguments of `text.encode_rows`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def save(self, folder) -> Path:
+        path = Path(folder) / ENCODING_FILE
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        return path
+
+    @classmethod
+    def load(cls, folder) -> "EncodingSettings | None":
+        """The settings saved in `folder` (an adapter), or None when it holds none (or `folder` is None)."""
+        path = Path(folder or "") / ENCODING_FILE
+        if folder is None or not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        return cls(**{**raw, "template": Template(**raw.get("template", {}))})
+
+
+DEFAULT_ENCODING = EncodingSettings()
 
 
 @dataclasses.dataclass
@@ -22,11 +85,11 @@ class Config:
     """Use only the first N training rows after shuffling (None: all)."""
 
     # --- text ---
-    max_length: int = 1024
-    """Tokens per row after budgeted truncation; every training batch is padded to this on XLA."""
-    prompt_share: float = 0.3
+    max_length: int = DEFAULT_ENCODING.max_length
+    """Tokens per row after budgeted truncation (saved with the adapter; prediction uses it by default)."""
+    prompt_share: float = DEFAULT_ENCODING.prompt_share
     """Most of max_length the prompt may take when a row is too long; A and B share the rest equally."""
-    keep_tail: int = 0
+    keep_tail: int = DEFAULT_ENCODING.keep_tail
     """Tokens kept from the end of a truncated part (0: keep only the head)."""
 
     # --- model ---
@@ -102,10 +165,10 @@ class Config:
             "epochs": self.epochs > 0,
             "log_every": self.log_every >= 1,
             "lora_r": self.lora_r >= 1,
-            "dtype": self.dtype in ("auto", "bf16", "fp16", "fp32"),
-            "quantization": self.quantization in (None, "8bit", "4bit"),
+            "dtype": self.dtype in DTYPES,
+            "quantization": self.quantization in QUANTIZATIONS,
             "schedule": self.schedule in ("cosine", "linear", "constant"),
-            "device": self.device in ("auto", "xla", "cuda", "cpu"),
+            "device": self.device in DEVICES,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -113,6 +176,11 @@ class Config:
             raise ValueError(f"invalid Config field(s): {values}; see the field docs in lmsys_utils/config.py")
         if self.lora_targets is not None:
             self.lora_targets = tuple(self.lora_targets)
+
+    @property
+    def encoding(self) -> EncodingSettings:
+        """The text settings that are saved with the adapter."""
+        return EncodingSettings(self.max_length, self.prompt_share, self.keep_tail)
 
     def save(self, path) -> None:
         """Write the settings as JSON (the config holds no secrets)."""

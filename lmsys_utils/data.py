@@ -16,6 +16,8 @@ import pandas as pd
 TEXT_COLUMNS = ("prompt", "response_a", "response_b")
 LABEL_COLUMNS = ("winner_model_a", "winner_model_b", "winner_tie")
 CLASS_NAMES = ("model_a", "model_b", "tie")
+ID2LABEL = dict(enumerate(CLASS_NAMES))
+LABEL2ID = {v: k for k, v in ID2LABEL.items()}
 _SWAP_PAIRS = (("response_a", "response_b"), ("model_a", "model_b"), ("winner_model_a", "winner_model_b"))
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -221,6 +223,15 @@ def _count_shapes(df: pd.DataFrame, summary: DataSummary) -> None:
 def is_empty(turns: list[str]) -> bool:
     """Whether a response (its list of turns) holds no text at all."""
     return not any(t.strip() for t in turns)
+
+
+def targets(df: pd.DataFrame) -> np.ndarray:
+    """The (N, 3) target probabilities of labeled rows (one-hot for hard labels, as given for soft ones)."""
+    missing = [c for c in LABEL_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"these rows need the label columns {', '.join(LABEL_COLUMNS)}; missing "
+                         f"{', '.join(missing)} (is this a test file?)")
+    return df[list(LABEL_COLUMNS)].to_numpy(np.float32)
 
 
 def swap_ab(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,26 +1,159 @@
 """TPU/XLA (SPMD), CUDA and CPU in one place: the only module that imports torch_xla, always inside functions.
 
-On XLA with several devices, training runs under SPMD: one mesh over all devices with ("data", "fsdp") axes,
-weights sharded FSDP-style (torch_xla's FSDPv2 wrapper) and every input batch sharded along its batch axis.
+Each entry point turns the device setting into one `Runtime` record with `resolve`; everything below it takes
+that record and never detects again. On XLA with several devices, training runs under SPMD: one mesh over all
+devices with ("data", "fsdp") axes, weights sharded FSDP-style (torch_xla's FSDPv2 wrapper) and every input batch
+sharded along its batch axis.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import glob
+import importlib.metadata
 import importlib.util
 import os
+import random
+import warnings
 
+import numpy as np
 import torch
 
+from .config import QUANTIZATIONS
+
 MESH_AXES = ("data", "fsdp")
+MIN_TORCH_XLA = (2, 4)
+"""torch_xla.sync() needs 2.4 (the Kaggle TPU image had 2.3 in mid-2024)."""
+DEFAULT_DTYPES = {"xla": "bf16", "cuda": "fp16", "cpu": "fp32"}
+"""Weights dtype per device: bf16 on TPU, fp16 on GPU (a T4 has no fast bf16), fp32 on CPU."""
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What one run executes on, decided once by `resolve`."""
+
+    kind: str
+    """"xla", "cuda" or "cpu"."""
+    device: torch.device
+    """Where tensors go (on CUDA the first GPU; model copies on other GPUs carry their own)."""
+    dtype: torch.dtype
+    """Weights dtype (DEFAULT_DTYPES unless the run asks for another)."""
+    shards: int = 1
+    """Ways each batch is split (the SPMD devices on XLA, else 1); batch sizes must be multiples of it."""
+    main: bool = True
+    """Whether this process prints and writes (process 0 of a multi-host TPU slice or torchrun)."""
+    padding: str = "dynamic"
+    """"buckets": a few fixed lengths, one compiled graph each (XLA); "dynamic": pad to the longest row."""
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """Mixed-precision compute dtype: the weights' half dtype; None (off) for fp32 weights."""
+        return self.dtype if self.dtype in (torch.bfloat16, torch.float16) else None
+
+    def autocast(self):
+        """Forward passes in `amp_dtype` (trainable LoRA weights stay fp32)."""
+        return torch.autocast("cuda" if self.kind == "cuda" else self.kind, dtype=self.amp_dtype,
+                              enabled=self.amp_dtype is not None)
+
+    def inference(self):
+        """No autograd for prediction; torch_xla rejects inference tensors ("Cannot set version_counter")."""
+        return torch.no_grad() if self.kind == "xla" else torch.inference_mode()
+
+    def sync(self) -> None:
+        """The one sync per step: on XLA it cuts the traced graph and launches it (asynchronously)."""
+        if self.kind == "xla":
+            import torch_xla
+
+            torch_xla.sync()
+
+    def wait(self) -> None:
+        """Block until queued device work is done (only for timing; never in the hot loop)."""
+        if self.kind == "xla":
+            import torch_xla.core.xla_model as xm
+
+            xm.wait_device_ops()
+        elif self.kind == "cuda":
+            torch.cuda.synchronize()
+
+    def to_device(self, batch: dict, device: torch.device | None = None) -> dict:
+        """Move a batch of tensors to the device (or to `device`, a model copy's GPU); under SPMD shard each
+        along its batch axis."""
+        batch = {k: v.to(device or self.device) for k, v in batch.items()}
+        mesh = setup_spmd() if self.kind == "xla" else None
+        if mesh is not None:
+            import torch_xla.distributed.spmd as xs
+
+            for v in batch.values():
+                xs.mark_sharding(v, mesh, (MESH_AXES,) + (None,) * (v.dim() - 1))
+        return batch
+
+    def prepare_model(self, model):
+        """Move the model to the device; under SPMD wrap it in FSDPv2 (weights sharded over the fsdp axis).
+
+        Returns the module to call for forward passes; keep the original for saving adapters.
+        """
+        mesh = setup_spmd() if self.kind == "xla" else None
+        if mesh is None:
+            return model.to(self.device)
+        import torch_xla.distributed.spmd as xs
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+
+        def shard_logits(output, mesh):
+            # the wrapper's default only knows plain tensors; transformers returns an output object
+            xs.mark_sharding(output.logits, mesh, (MESH_AXES, None))
+
+        return SpmdFullyShardedDataParallel(model.to(self.device), mesh=mesh, shard_output=shard_logits)
+
+
+def resolve(device: str | None = "auto", dtype="auto") -> Runtime:
+    """The run's Runtime from its settings: `device` auto | xla | cuda | cpu, `dtype` auto | bf16 | fp16 | fp32.
+
+    On XLA this also switches SPMD on (several devices), which must happen before any XLA tensor exists.
+    """
+    kind = detect() if device in (None, "auto") else device
+    if kind not in DEFAULT_DTYPES:
+        raise ValueError(f"device={device!r}: use auto, xla, cuda or cpu")
+    torch_dtype = resolve_dtype(dtype, kind)
+    if kind == "xla":
+        _check_torch_xla()
+        import torch_xla
+        import torch_xla.runtime as xr
+
+        mesh = setup_spmd()
+        return Runtime("xla", torch_xla.device(), torch_dtype, shards=1 if mesh is None else int(mesh.size()),
+                       main=xr.process_index() == 0, padding="buckets")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda, but torch sees no GPU: use device=auto or device=cpu")
+    return Runtime(kind, torch.device(kind), torch_dtype, main=int(os.environ.get("RANK", "0")) == 0)
+
+
+def resolve_dtype(dtype, kind: str) -> torch.dtype:
+    """A torch dtype from "auto"/None (the device's default), "bf16", "fp16", "fp32" or a torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = DEFAULT_DTYPES[kind] if dtype in (None, "auto") else dtype
+    if name not in TORCH_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: use auto, bf16, fp16 or fp32")
+    return TORCH_DTYPES[name]
+
+
+def check_quantization(quantization, kind: str) -> None:
+    """bitsandbytes runs on CUDA (and, for tests, the CPU): refuse anything else before the model loads."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: use None, '8bit' or '4bit'")
+    if quantization and kind == "xla":
+        raise ValueError("bitsandbytes quantization does not run on TPU/XLA: use quantization=None there "
+                         "(bf16 weights, sharded over the devices)")
 
 
 def detect() -> str:
     """Return "xla", "cuda" or "cpu": xla when torch_xla is installed and PJRT_DEVICE is set or a TPU is present.
 
     PJRT_DEVICE=CPU does not count: importing torch_xla sets it by itself (transformers and peft import it when
-    installed). For XLA on a CPU, as the tests do, ask for it: device_kind="xla" / Config.device="xla".
+    installed). For XLA on a CPU, as the tests do, ask for it: device="xla".
     """
     if importlib.util.find_spec("torch_xla") is not None and (
         os.environ.get("PJRT_DEVICE", "CPU").upper() != "CPU" or os.environ.get("TPU_ACCELERATOR_TYPE")
@@ -28,17 +161,6 @@ def detect() -> str:
     ):
         return "xla"
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def get_device(kind: str | None = None) -> torch.device:
-    """The device tensors go to. On XLA this also switches SPMD on (when there are several devices)."""
-    kind = kind or detect()
-    if kind == "xla":
-        setup_spmd()
-        import torch_xla
-
-        return torch_xla.device()
-    return torch.device("cuda" if kind == "cuda" else "cpu")
 
 
 def memory_target(kind: str) -> str:
@@ -55,46 +177,13 @@ def memory_target(kind: str) -> str:
     return "cpu"
 
 
-def default_dtype(kind: str) -> torch.dtype:
-    """bf16 on TPU, fp16 on GPU (a T4 has no fast bf16), fp32 on CPU."""
-    return {"xla": torch.bfloat16, "cuda": torch.float16}.get(kind, torch.float32)
-
-
-def sync(kind: str) -> None:
-    """The one sync per step: on XLA it cuts the traced graph and launches it (asynchronously)."""
-    if kind == "xla":
-        import torch_xla
-
-        torch_xla.sync()
-
-
-def wait(kind: str) -> None:
-    """Block until queued device work is done (only for timing; never in the hot loop)."""
-    if kind == "xla":
-        import torch_xla.core.xla_model as xm
-
-        xm.wait_device_ops()
-    elif kind == "cuda":
-        torch.cuda.synchronize()
-
-
-def is_main_process() -> bool:
-    """True on the one process that prints and writes (process 0 of a multi-host TPU slice or torchrun)."""
-    if detect() == "xla":
-        import torch_xla.runtime as xr
-
-        return xr.process_index() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 @functools.lru_cache(maxsize=None)
 def setup_spmd():
     """Switch on SPMD with a (1, N) mesh over all N devices and set it as the global mesh; None for one device.
 
     Must run before any XLA tensor exists (torch_xla segfaults at the next sharded op otherwise), which is why
-    `get_device("xla")` calls it. Cached: later calls return the same mesh.
+    `resolve` calls it. Cached: later calls return the same mesh.
     """
-    import numpy as np
     import torch_xla.distributed.spmd as xs
     import torch_xla.runtime as xr
 
@@ -106,51 +195,6 @@ def setup_spmd():
     mesh = xs.Mesh(np.arange(n), (1, n), MESH_AXES)
     xs.set_global_mesh(mesh)
     return mesh
-
-
-def num_data_shards(kind: str) -> int:
-    """How many ways each batch is split (the batch size must be a multiple of it)."""
-    if kind != "xla":
-        return 1
-    mesh = setup_spmd()
-    return 1 if mesh is None else int(mesh.size())
-
-
-def prepare_model(model, kind: str):
-    """Move the model to the device; under SPMD wrap it in FSDPv2 (weights sharded over the fsdp axis).
-
-    Returns the module to call for forward passes; keep the original for saving adapters.
-    """
-    device = get_device(kind)
-    mesh = setup_spmd() if kind == "xla" else None
-    if mesh is None:
-        return model.to(device)
-    import torch_xla.distributed.spmd as xs
-    from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
-
-    def shard_logits(output, mesh):
-        # the wrapper's default only knows plain tensors; transformers returns an output object
-        xs.mark_sharding(output.logits, mesh, (MESH_AXES, None))
-
-    return SpmdFullyShardedDataParallel(model.to(device), mesh=mesh, shard_output=shard_logits)
-
-
-def to_device(batch: dict, kind: str) -> dict:
-    """Move a batch of tensors to the device; under SPMD shard each along its batch axis."""
-    device = get_device(kind)
-    batch = {k: v.to(device) for k, v in batch.items()}
-    mesh = setup_spmd() if kind == "xla" else None
-    if mesh is not None:
-        import torch_xla.distributed.spmd as xs
-
-        for v in batch.values():
-            xs.mark_sharding(v, mesh, (MESH_AXES,) + (None,) * (v.dim() - 1))
-    return batch
-
-
-def autocast(kind: str, dtype: torch.dtype | None):
-    """Mixed precision for forward passes in `dtype` (bf16 on TPU, fp16 on GPU); None: off (fp32 weights)."""
-    return torch.autocast("cuda" if kind == "cuda" else kind, dtype=dtype, enabled=dtype is not None)
 
 
 def enable_gradient_checkpointing(model, kind: str) -> None:
@@ -181,7 +225,7 @@ def enable_gradient_checkpointing(model, kind: str) -> None:
 
 
 def compile_count() -> int:
-    """Graphs XLA has compiled so far in this process (0 off XLA).
+    """Graphs XLA has compiled so far in this process.
 
     Counts real compiles only: under SPMD each host read of a sharded result adds a cheap cached compile to
     the CompileTime metric, which would set off the recompilation guard for nothing.
@@ -199,12 +243,53 @@ def transfer_count() -> int:
     return int(data[0]) if data else 0
 
 
+class CompileWatch:
+    """Tells the compiles XLA is expected to do (warm-up steps, a new batch shape, the first evaluation) from
+    recompiles, which cost minutes each on a TPU, and warns once with the likely cause. Off XLA it does nothing.
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.on = runtime.kind == "xla"
+        self.expected = None
+        self.warning = None
+        self._eval_seen = False
+
+    def warmed_up(self) -> None:
+        """Every compile so far was expected (the first steps, or the first steps of a new batch shape)."""
+        if self.on:
+            self.expected = compile_count()
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """The first evaluation compiles its own graph: expected once."""
+        before = compile_count() if self.on else 0
+        yield
+        if self.on and self.expected is not None and not self._eval_seen:
+            self.expected += compile_count() - before
+            self._eval_seen = True
+
+    def check(self, step: int) -> str | None:
+        """The warning (once) when XLA compiled more graphs than expected; None otherwise."""
+        if not self.on or self.expected is None or self.warning is not None:
+            return None
+        extra = compile_count() - self.expected
+        if extra <= 0:
+            return None
+        self.warning = (
+            f"XLA compiled {extra} new graph(s) after warm-up (noticed at step {step}); each costs a compile "
+            "(minutes on a TPU). Likely cause: a batch whose shape changed (pad batches to fixed lengths and drop "
+            "the last partial batch), a host read of a device tensor inside the step (.item(), float(), print), "
+            "or a Python value that changes each step traced into the graph.")
+        warnings.warn(self.warning, stacklevel=2)
+        return self.warning
+
+    def counters(self, step: int) -> dict | None:
+        """Compiles and host transfers so far, for the history (XLA only)."""
+        return {"step": step, "compiles": compile_count(), "transfers": transfer_count()} if self.on else None
+
+
 def get_rng_state(kind: str) -> dict:
     """Every random state a resumed run needs to draw the same dropout masks."""
-    import random
-
-    import numpy as np
-
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if kind == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -216,10 +301,6 @@ def get_rng_state(kind: str) -> dict:
 
 
 def set_rng_state(state: dict, kind: str) -> None:
-    import random
-
-    import numpy as np
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -229,3 +310,11 @@ def set_rng_state(state: dict, kind: str) -> None:
         import torch_xla.core.xla_model as xm
 
         xm.set_rng_state(state["xla"])
+
+
+def _check_torch_xla() -> None:
+    version = importlib.metadata.version("torch_xla")
+    if tuple(int(x) for x in version.split(".")[:2]) < MIN_TORCH_XLA:
+        raise RuntimeError(f"torch_xla {version} is too old: lmsys-utils needs torch_xla >= "
+                           f"{'.'.join(map(str, MIN_TORCH_XLA))} with its matching torch; upgrade the pair or use "
+                           "a newer Kaggle TPU image")

@@ -12,6 +12,12 @@ def normalize_probs(probs, eps: float = EPS) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def as_target_probs(targets, n_classes: int = 3) -> np.ndarray:
+    """Targets as (N, n_classes) probabilities: class ids become one-hot rows, probability rows stay."""
+    t = np.asarray(targets)
+    return np.eye(n_classes)[t.astype(int)] if t.ndim == 1 else t.astype(np.float64)
+
+
 def log_loss(targets, probs, eps: float = EPS) -> float:
     """Multi-class log loss.
 
@@ -20,9 +26,7 @@ def log_loss(targets, probs, eps: float = EPS) -> float:
         probs: predicted probabilities (N, 3); clipped and row-normalised first, as Kaggle does.
     """
     p = normalize_probs(probs, eps)
-    t = np.asarray(targets)
-    if t.ndim == 1:
-        t = np.eye(p.shape[1])[t.astype(int)]
+    t = as_target_probs(targets, p.shape[1])
     if t.shape != p.shape:
         raise ValueError(f"targets have shape {t.shape} but probabilities {p.shape}")
     return float(-(t * np.log(p)).sum(axis=1).mean())
@@ -30,7 +34,5 @@ def log_loss(targets, probs, eps: float = EPS) -> float:
 
 def accuracy(targets, probs) -> float:
     """Share of rows whose most probable class is the (most probable) target class."""
-    t = np.asarray(targets)
-    if t.ndim == 2:
-        t = t.argmax(axis=1)
+    t = as_target_probs(targets, np.shape(probs)[1]).argmax(axis=1)
     return float((np.asarray(probs).argmax(axis=1) == t).mean())

@@ -1,17 +1,22 @@
-"""Load the tokenizer and 3-way sequence classifier, add LoRA, save/load adapters; the tiny test model."""
+"""Load the tokenizer and 3-way sequence classifier, add LoRA, save and load adapters with their encoding."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .data import CLASS_NAMES
+import torch
+import transformers
+from huggingface_hub import constants
+from peft import LoraConfig, PeftConfig, TaskType, get_peft_model
+from peft.utils import load_peft_weights, set_peft_model_state_dict
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
-ID2LABEL = dict(enumerate(CLASS_NAMES))
-LABEL2ID = {v: k for k, v in ID2LABEL.items()}
-SETTINGS_FILE = "run_settings.json"
-QUANTIZATIONS = (None, "8bit", "4bit")
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+from .auth import is_local, preflight, resolve_token
+from .config import EncodingSettings
+from .data import ID2LABEL, LABEL2ID
+from .device import check_quantization, enable_gradient_checkpointing, resolve_dtype
+from .text import ensure_pad_token
+
 # LoRA targets per architecture: all attention projections (ANCHORS.md: o_proj on top of q/k/v helped Gemma-2)
 LORA_TARGETS = {
     **dict.fromkeys(("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"),
@@ -19,6 +24,8 @@ LORA_TARGETS = {
     **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), ("query", "key", "value", "dense")),
     "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
 }
+HEAD_NAMES = ("score", "classifier")
+"""Top-level modules of the classification head (decoder LMs: score; encoders: classifier)."""
 
 
 class AdapterError(ValueError):
@@ -27,55 +34,50 @@ class AdapterError(ValueError):
 
 def load_tokenizer(name_or_path, token: str | None = None):
     """The tokenizer of a hub id or local folder, with a pad token (Llama-3 has none) and right padding."""
-    from transformers import AutoTokenizer
-
-    from .text import ensure_pad_token
-
     return ensure_pad_token(AutoTokenizer.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token)))
 
 
-def load_classifier(name_or_path, tokenizer, token: str | None = None, dtype=None, device_kind: str = "cpu",
-                    quantization: str | None = None, gradient_checkpointing: bool = False, device_map=None):
+def load_classifier(name_or_path, tokenizer, token: str | None = None, dtype="auto", kind: str = "cpu",
+                    quantization: str | None = None, gradient_checkpointing: bool = False, device_map=None,
+                    require_head: bool = False):
     """A 3-way `AutoModelForSequenceClassification` (new `score` head on a causal LM) ready for LoRA.
 
     Args:
-        dtype: a torch dtype, "bf16"/"fp16"/"fp32", or None/"auto" for the device's default (bf16 on XLA,
-            fp16 on CUDA, fp32 on CPU).
-        device_kind: "xla", "cuda" or "cpu"; XLA gets eager attention (sdpa syncs with the host every step).
+        dtype: a torch dtype, "bf16"/"fp16"/"fp32", or "auto" for the device's default (device.DEFAULT_DTYPES).
+        kind: "xla", "cuda" or "cpu" (a Runtime's kind); XLA gets eager attention (sdpa syncs with the host
+            every step).
         quantization: None, "8bit" or "4bit" (nf4) via bitsandbytes; needs CUDA or CPU.
         device_map: passed to from_pretrained (default: none, or the one device for a quantized model).
+        require_head: refuse a checkpoint without a trained classification head (predicting with a randomly
+            initialised head gives random probabilities that pass every submission check).
     """
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r}: use None, '8bit' or '4bit'")
-    if quantization and device_kind == "xla":
-        raise ValueError("bitsandbytes quantization does not run on TPU/XLA: use quantization=None there "
-                         "(bf16 weights, sharded over the devices)")
-    dtype = _torch_dtype(dtype, device_kind)
+    check_quantization(quantization, kind)
+    dtype = resolve_dtype(dtype, kind)
     kwargs = dict(num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID, pad_token_id=tokenizer.pad_token_id,
-                  token=_token_for(name_or_path, token))
+                  token=_token_for(name_or_path, token), output_loading_info=True)
     kwargs[_dtype_kwarg()] = dtype
-    if device_kind == "xla":
+    if kind == "xla":
         kwargs["attn_implementation"] = "eager"
     if quantization:
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True) if quantization == "8bit" else
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
         # bitsandbytes quantizes while placing the weights, so it needs a device map
-        device_map = device_map or ({"": torch.cuda.current_device()} if device_kind == "cuda" else "cpu")
+        device_map = device_map or ({"": torch.cuda.current_device()} if kind == "cuda" else "cpu")
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), **kwargs)
+    model, info = AutoModelForSequenceClassification.from_pretrained(str(name_or_path), **kwargs)
+    new_head = [k for k in info.get("missing_keys", ()) if k.split(".")[0] in HEAD_NAMES]
+    if require_head and new_head:
+        raise AdapterError(f"{name_or_path} has no trained classification head ({', '.join(sorted(new_head))} "
+                           "would be random): pass the LoRA adapter that training wrote (--adapter RUN/adapter), "
+                           "or a merged classifier")
     # checkpoints whose config names no pad token still need one: the head pools the last non-pad token
     model.config.pad_token_id = tokenizer.pad_token_id
+    # a classifier reads each row once: a KV cache would only take memory (~2 GB for 8 x 2048 tokens of an 8B model)
+    model.config.use_cache = False
     if gradient_checkpointing:
-        from .device import enable_gradient_checkpointing
-
-        enable_gradient_checkpointing(model, device_kind)
+        enable_gradient_checkpointing(model, kind)
     return model
 
 
@@ -85,8 +87,6 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets
     Args:
         targets: module names to adapt; None uses LORA_TARGETS for the architecture, else peft's default.
     """
-    from peft import LoraConfig, TaskType, get_peft_model
-
     if targets is None:
         targets = LORA_TARGETS.get(model.config.model_type)
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=alpha, lora_dropout=dropout,
@@ -96,18 +96,23 @@ def add_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, targets
     return model
 
 
+def adapter_keys(model) -> list[str]:
+    """Names of the adapter's tensors (LoRA + score head) in the model's state dict."""
+    return [k for k in model.state_dict() if model.active_adapter in k.split(".")]
+
+
 def adapter_state_dict(model) -> dict:
     """The adapter's tensors (LoRA + score head) copied to the CPU.
 
     Saving XLA tensors directly fails, and copying the whole 8B state dict would move 16 GB. On a multi-host
     TPU slice reading a sharded tensor is collective: every process must call this, even those that write nothing.
     """
-    adapter = model.active_adapter
-    return {k: v.detach().to("cpu") for k, v in model.state_dict().items() if adapter in k.split(".")}
+    state = model.state_dict()
+    return {k: state[k].detach().to("cpu") for k in adapter_keys(model)}
 
 
-def save_adapter(model, tokenizer, out_dir, settings: dict | None = None, state_dict: dict | None = None) -> Path:
-    """Write the peft adapter (LoRA + score head), the tokenizer and `run_settings.json` to `out_dir`.
+def save_adapter(model, tokenizer, out_dir, encoding: EncodingSettings, state_dict: dict | None = None) -> Path:
+    """Write the peft adapter (LoRA + score head), the tokenizer and the encoding settings to `out_dir`.
 
     Args:
         state_dict: the adapter's CPU tensors from `adapter_state_dict` (default: gathered here; on a multi-host
@@ -117,16 +122,12 @@ def save_adapter(model, tokenizer, out_dir, settings: dict | None = None, state_
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, state_dict=adapter_state_dict(model) if state_dict is None else state_dict)
     tokenizer.save_pretrained(out_dir)
-    settings = {k: v for k, v in (settings or {}).items() if "token" not in k.lower() or not isinstance(v, str)}
-    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, default=str))
+    encoding.save(out_dir)  # prediction reads it back, so the model sees the inputs it was trained on
     return out_dir
 
 
 def load_adapter(model, adapter_dir):
     """Put a saved adapter on a freshly loaded base model, strictly: every saved key must fit, none be missing."""
-    from peft import PeftConfig, get_peft_model
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
-
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise AdapterError(f"{adapter_dir} has no adapter_config.json: point at the folder save_adapter wrote "
@@ -154,27 +155,26 @@ def load_adapter(model, adapter_dir):
     return peft_model.eval()
 
 
-def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None, dtype=None,
-                       device_kind: str = "cpu", quantization: str | None = None, device_map=None):
-    """(model, tokenizer) for prediction: the base with the adapter on top (unmerged), in eval mode.
+def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None, dtype="auto", kind: str = "cpu",
+                       quantization: str | None = None, device_map=None):
+    """(model, tokenizer, encoding) for prediction: the base with the adapter on top (unmerged), in eval mode,
+    and the encoding settings saved with the adapter (None without one).
 
     The tokenizer comes from the adapter folder when it holds one, so padding matches training.
     """
     has_tokenizer = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(adapter_dir if has_tokenizer else name_or_path, token=token)
-    model = load_classifier(name_or_path, tokenizer, token=token, dtype=dtype, device_kind=device_kind,
-                            quantization=quantization, device_map=device_map)
+    model = load_classifier(name_or_path, tokenizer, token=token, dtype=dtype, kind=kind,
+                            quantization=quantization, device_map=device_map, require_head=adapter_dir is None)
+    encoding = None
     if adapter_dir is not None:
         model = load_adapter(model, adapter_dir)
-    return model.eval(), tokenizer
+        encoding = EncodingSettings.load(adapter_dir)
+    return model.eval(), tokenizer, encoding
 
 
 def _token_for(name_or_path, token):
     """The token for a hub id, after checking access (a clear AccessError before any download); None locally."""
-    from huggingface_hub import constants
-
-    from .auth import is_local, preflight, resolve_token
-
     # local folders need no token; resolving one there could call Kaggle's secret service for nothing
     if is_local(name_or_path):
         return None
@@ -184,64 +184,7 @@ def _token_for(name_or_path, token):
     return token
 
 
-def _torch_dtype(dtype, device_kind: str):
-    import torch
-
-    if dtype is None or dtype == "auto":
-        from .device import default_dtype
-
-        return default_dtype(device_kind)
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r}: use 'auto', 'bf16', 'fp16', 'fp32' or a torch dtype")
-        return getattr(torch, DTYPES[dtype])
-    return dtype
-
-
 def _dtype_kwarg() -> str:
-    import transformers
-
     # transformers renamed torch_dtype= to dtype= in 4.56; Kaggle images may carry an older one
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-
-
-def build_tiny_model(out_dir, texts=None, vocab_size: int = 1000, hidden_size: int = 64,
-                     num_layers: int = 2, seed: int = 0) -> Path:
-    """Write a tiny Llama-architecture classifier and a byte-level BPE tokenizer to `out_dir`.
-
-    It loads through the same `from_pretrained` path as a real model, so tests, smoke runs and the demo
-    exercise the real code. `texts` trains the tokenizer (default: the demo data's text).
-    """
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if texts is None:
-        from .demo import make_demo_data
-
-        df = make_demo_data(400, seed=seed)
-        texts = [t or "" for col in ("prompt", "response_a", "response_b") for turns in df[col] for t in turns]
-    specials = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
-    bpe = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|pad|>", bos_token="<|bos|>",
-                                        eos_token="<|eos|>", unk_token="<|unk|>")
-    tokenizer.save_pretrained(out_dir)
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )
-    LlamaForSequenceClassification(config).save_pretrained(out_dir)
-    return out_dir

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import font_manager, ft2font
 from matplotlib.figure import Figure
 
-from .data import LABEL_COLUMNS
+from .data import targets
+from .metrics import as_target_probs, log_loss
+from .text import encode_rows
 
 OUTCOMES = ("A wins", "B wins", "Tie")
 _COLORS = ("#4C72B0", "#DD8452", "#8C8C8C")  # A, B, tie: the same everywhere
@@ -205,10 +209,6 @@ def plot_duplicate_prompts(df: pd.DataFrame, top_n: int = 8, max_repeats: int = 
 
 def token_lengths(tokenizer, df: pd.DataFrame) -> np.ndarray:
     """Untruncated token count of each row's model input, built exactly as training builds it."""
-    import sys
-
-    from .text import encode_rows
-
     _, stats = encode_rows(tokenizer, df, max_length=sys.maxsize, return_stats=True)
     return stats["length"].to_numpy()
 
@@ -278,9 +278,7 @@ def plot_reliability(targets, probs, bins: int = 10, min_rows: int = 5) -> Figur
         probs: predicted probabilities (N, 3).
         min_rows: bins with fewer rows are left off the curves (they still count in the error).
     """
-    from .metrics import log_loss
-
-    t, probs = _onehot(targets), np.asarray(probs, dtype=float)
+    t, probs = as_target_probs(targets), np.asarray(probs, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
     fig = Figure(figsize=(6.5, 7), layout="constrained")
     top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
@@ -310,7 +308,7 @@ def plot_reliability(targets, probs, bins: int = 10, min_rows: int = 5) -> Figur
 
 def plot_confusion_matrix(targets, probs) -> Figure:
     """Confusion matrix of the most probable class against the true outcome, with row shares."""
-    true = _onehot(targets).argmax(axis=1)
+    true = as_target_probs(targets).argmax(axis=1)
     pred = np.asarray(probs).argmax(axis=1)
     matrix = np.zeros((3, 3), dtype=int)
     np.add.at(matrix, (true, pred), 1)
@@ -362,12 +360,7 @@ def save_eda_figures(df: pd.DataFrame, out_dir, lengths=None, max_lengths=(512, 
 
 
 def _labels(df: pd.DataFrame) -> pd.Series:
-    if "label" in df.columns:
-        return df["label"].astype(int)
-    if all(c in df.columns for c in LABEL_COLUMNS):
-        return pd.Series(df[list(LABEL_COLUMNS)].to_numpy().argmax(axis=1), index=df.index)
-    raise ValueError("these figures need labeled rows (winner_model_a/winner_model_b/winner_tie); "
-                     "a test file has none")
+    return pd.Series(targets(df).argmax(axis=1), index=df.index)
 
 
 def _model_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -385,19 +378,12 @@ def _chars(column: pd.Series) -> np.ndarray:
     return column.map(lambda turns: sum(len(t or "") for t in turns)).to_numpy()
 
 
-def _onehot(targets) -> np.ndarray:
-    t = np.asarray(targets)
-    return np.eye(3)[t.astype(int)] if t.ndim == 1 else t.astype(float)
-
-
 def _short_int(x: float) -> str:
     return f"{x / 1000:+.1f}k" if abs(x) >= 1000 else f"{x:+.0f}"
 
 
 @functools.lru_cache(maxsize=1)
 def _font_chars() -> frozenset:
-    from matplotlib import font_manager, ft2font
-
     return frozenset(ft2font.FT2Font(font_manager.findfont("DejaVu Sans")).get_charmap())
 
 

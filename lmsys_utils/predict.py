@@ -4,6 +4,7 @@ submission file that is checked before it is written."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import threading
@@ -11,56 +12,49 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from tqdm.auto import tqdm
 
-from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab
+from .batching import inference_buckets, rows_per_batch, sorted_batches
+from .config import DEFAULT_ENCODING, EncodingSettings
+from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab, targets
+from .device import Runtime, resolve
+from .device import memory_target as this_machine
+from .memory import check_fits, format_plan, plan_memory
 from .metrics import log_loss, normalize_probs
+from .model import load_for_inference
+from .text import encode_rows
 
 # Values winning solutions used for degenerate rows (see notes/ANCHORS.md); columns A, B, tie.
 IDENTICAL_PROBS = (0.06, 0.06, 0.88)
 A_EMPTY_PROBS = (0.04, 0.88, 0.08)
-XLA_BUCKETS = (256, 512, 1024, 1536, 2048, 3072, 4096)
 
 
 class SubmissionError(ValueError):
     """Probabilities or ids that would make an invalid submission; nothing was written."""
 
 
-def predict_proba(model, tokenizer, df: pd.DataFrame, max_length: int = 1024, max_tokens: int = 16384,
-                  tta: bool = False, device_kind: str | None = None, buckets=None, max_batch: int | None = None,
-                  prompt_share: float = 0.3, keep_tail: int = 0, progress: bool = False) -> np.ndarray:
+def predict_proba(model, tokenizer, df: pd.DataFrame, encoding: EncodingSettings, runtime: Runtime,
+                  max_tokens: int = 16384, tta: bool = False, max_batch: int | None = None,
+                  progress: bool = False) -> np.ndarray:
     """P(A wins), P(B wins), P(tie) per row, shape (N, 3), in the order of `df`.
 
     Args:
         model: a sequence classifier, or a list of copies, one per device (e.g. Kaggle's 2x T4); each copy
             runs in its own thread and takes the next batch as it frees up.
+        encoding: how rows become model input: the settings saved with the adapter (`load_models`).
+        runtime: from `device.resolve`; on XLA batches are padded to fixed buckets so each shape compiles once.
         max_tokens: token budget per batch (rows x padded length), so long rows don't run out of memory.
         tta: also predict the A/B-swapped rows and average (doubles the cost).
-        device_kind: "xla" pads batches to fixed `buckets` so each shape compiles once (default: detect()).
-        buckets: padded lengths on XLA (default: XLA_BUCKETS up to max_length, plus max_length).
     """
-    from .batching import sorted_batches
-    from .device import detect, num_data_shards
-    from .text import encode_rows
-
     models = list(model) if isinstance(model, (list, tuple)) else [model]
-    device_kind = device_kind or detect()
-    if device_kind == "xla" and buckets is None:
-        buckets = sorted({b for b in XLA_BUCKETS if b < max_length} | {max_length})
-    seqs = encode_rows(tokenizer, df, max_length, prompt_share=prompt_share, keep_tail=keep_tail)
+    seqs = encode_rows(tokenizer, df, **encoding.as_kwargs())
     if tta:
-        seqs += encode_rows(tokenizer, swap_ab(df), max_length, prompt_share=prompt_share, keep_tail=keep_tail)
-    batches = sorted_batches(seqs, tokenizer.pad_token_id, max_tokens, max_batch=max_batch,
-                             buckets=list(buckets) if buckets else None)
-    rows_for = None
-    if buckets:
-        shards = num_data_shards(device_kind)
-
-        def rows_for(length):
-            # XLA compiles one graph per shape, so every batch of a bucket length gets the same row count,
-            # a multiple of the devices the batch is split over under SPMD
-            rows = max(1, min(max_tokens // length, max_batch or max_tokens))
-            return -(-rows // shards) * shards
-    probs = _run_batches(models, batches, len(seqs), device_kind, rows_for, progress=progress)
+        seqs += encode_rows(tokenizer, swap_ab(df), **encoding.as_kwargs())
+    buckets = inference_buckets(encoding.max_length) if runtime.padding == "buckets" else None
+    batches = sorted_batches(seqs, tokenizer.pad_token_id, max_tokens, max_batch=max_batch, buckets=buckets,
+                             shards=runtime.shards)
+    probs = _run_batches(models, batches, len(seqs), runtime, progress=progress)
     if tta:
         n = len(df)
         # a swapped row's "A wins" is the original's "B wins": exchange those columns before averaging
@@ -68,10 +62,8 @@ def predict_proba(model, tokenizer, df: pd.DataFrame, max_length: int = 1024, ma
     return probs
 
 
-def _run_batches(models, batches, n_rows: int, device_kind: str, rows_for, progress: bool) -> np.ndarray:
+def _run_batches(models, batches, n_rows: int, runtime: Runtime, progress: bool) -> np.ndarray:
     """Feed the batches to the models, one thread per model copy; rows land at their original index."""
-    from tqdm.auto import tqdm
-
     probs = np.full((n_rows, 3), np.nan, dtype=np.float64)
     lock = threading.Lock()
     errors = []
@@ -85,7 +77,7 @@ def _run_batches(models, batches, n_rows: int, device_kind: str, rows_for, progr
                 if item is None or errors:
                     return
                 index, batch = item
-                probs[index] = _forward(model, batch, device_kind, rows_for)
+                probs[index] = _forward(model, batch, runtime)[:len(index)]
                 bar.update(len(index))
         except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
             errors.append(e)
@@ -104,31 +96,15 @@ def _run_batches(models, batches, n_rows: int, device_kind: str, rows_for, progr
     return probs
 
 
-def _forward(model, batch: dict, device_kind: str, rows_for) -> np.ndarray:
-    import torch
-
-    from .device import sync, to_device
-
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    rows = len(ids)
-    full = rows_for(ids.shape[1]) if rows_for else rows
-    if full > rows:
-        # the short last batch of a bucket is filled up with copies of its last row (outputs dropped) so it
-        # reuses the bucket's compiled graph
-        ids, mask = (torch.cat([t, t[-1:].expand(full - rows, -1)]) for t in (ids, mask))
+def _forward(model, batch: dict, runtime: Runtime) -> np.ndarray:
     device = next(model.parameters()).device  # each copy of the model sits on its own GPU
-    if device_kind == "xla":
-        inputs = to_device({"input_ids": ids, "attention_mask": mask}, device_kind)
-    else:
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    inputs = runtime.to_device(batch, device=device if runtime.kind != "xla" else None)
     # kernels that launch on the current GPU (bitsandbytes) must see this copy's GPU in this thread
     gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    # torch_xla rejects inference tensors ("Cannot set version_counter for inference tensor")
-    with gpu, torch.no_grad() if device_kind == "xla" else torch.inference_mode():
-        logits = model(**inputs).logits
-        probs = logits.float().softmax(-1)
-        sync(device_kind)
-        return probs.cpu().numpy()[:rows]  # slicing on the device would compile a graph per row count
+    with gpu, runtime.inference():
+        probs = model(**inputs).logits.float().softmax(-1)
+        runtime.sync()
+        return probs.cpu().numpy()  # filler rows are dropped on the host: slicing on the device compiles per count
 
 
 def apply_rules(df: pd.DataFrame, probs, identical=IDENTICAL_PROBS, a_empty=A_EMPTY_PROBS) -> np.ndarray:
@@ -148,18 +124,15 @@ def apply_rules(df: pd.DataFrame, probs, identical=IDENTICAL_PROBS, a_empty=A_EM
 
 def compare_rules(df: pd.DataFrame, probs, **rule_values) -> dict:
     """Log loss of `probs` on labeled rows with and without `apply_rules`, overall and on the rows it changes."""
-    missing = [c for c in LABEL_COLUMNS if c not in df.columns]
-    if missing:
-        raise ValueError(f"compare_rules needs labeled rows; missing column(s) {', '.join(missing)}")
-    targets = df[list(LABEL_COLUMNS)].to_numpy(dtype=np.float64)
+    y = targets(df)
     probs = np.asarray(probs, dtype=np.float64)
     ruled = apply_rules(df, probs, **rule_values)
     changed = (ruled != probs).any(axis=1)
     result = {"rows": len(df), "rows_changed": int(changed.sum()),
-              "log_loss": log_loss(targets, probs), "log_loss_with_rules": log_loss(targets, ruled)}
+              "log_loss": log_loss(y, probs), "log_loss_with_rules": log_loss(y, ruled)}
     if changed.any():
-        result["changed_log_loss"] = log_loss(targets[changed], probs[changed])
-        result["changed_log_loss_with_rules"] = log_loss(targets[changed], ruled[changed])
+        result["changed_log_loss"] = log_loss(y[changed], probs[changed])
+        result["changed_log_loss_with_rules"] = log_loss(y[changed], ruled[changed])
     return result
 
 
@@ -219,35 +192,53 @@ def _show(values, n: int = 5) -> str:
     return ", ".join(map(str, values[:n])) + (" ..." if len(values) > n else "") if values else "none"
 
 
-def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = False, max_length: int = 1024,
-            max_tokens: int = 16384, token=None, quantization: str | None = None, dtype=None,
-            device_kind: str | None = None, rules: bool = False, progress: bool = True,
-            memory_target: str | None = None, force: bool = False) -> pd.DataFrame:
+def resolve_encoding(saved: EncodingSettings | None, max_length: int | None = None) -> EncodingSettings:
+    """The encoding to predict with: the one saved with the adapter, changed only by an explicit override
+    (printed); a model without saved settings gets the defaults, said so."""
+    if saved is None:
+        saved = DEFAULT_ENCODING
+        print(f"no encoding settings saved with the model: using the defaults (max_length {saved.max_length}, "
+              f"prompt_share {saved.prompt_share}, keep_tail {saved.keep_tail})")
+    if max_length is not None and max_length != saved.max_length:
+        print(f"max_length {max_length} (override; the model was trained with {saved.max_length})")
+        saved = dataclasses.replace(saved, max_length=max_length)
+    return saved
+
+
+def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = False, max_length: int | None = None,
+            max_tokens: int = 16384, token=None, quantization: str | None = None, dtype="auto", device="auto",
+            rules: bool = False, progress: bool = True, memory_target: str | None = None, force: bool = False,
+            loaded=None) -> pd.DataFrame:
     """The inference entry point (CLI and notebook): load the model, predict a test CSV, write the submission.
 
     Args:
-        model: hub id or local directory of the base model (or of merged weights).
-        adapter: LoRA adapter directory written by training (None: `model` is complete).
+        model: hub id or local directory of the base model (or of a merged classifier).
+        adapter: LoRA adapter directory written by training (None: `model` is a complete classifier).
+        max_length: override the max_length saved with the adapter (printed when it differs).
         quantization: None, "8bit" or "4bit" (bitsandbytes, GPU).
-        device_kind: "cuda" | "xla" | "cpu" (default: detect()). On CUDA every visible GPU gets its own copy
-            of the model and a share of the rows.
+        device: auto | cuda | xla | cpu. On CUDA every visible GPU gets its own copy of the model and a share
+            of the rows.
         rules: apply `apply_rules` to degenerate rows (measure with `compare_rules` first).
         memory_target: what the memory plan checks before loading (default: this machine, see
             `device.memory_target`); a setup that cannot fit is refused unless `force`.
+        loaded: (models, tokenizer, encoding) from `load_models`, to predict with models already in memory.
     """
-    from .device import detect
-    from .device import memory_target as this_machine
-    from .memory import check_fits, format_plan, plan_memory
-
     df, _ = load_arena(data_path, drop_invalid=True)
-    device_kind = device_kind or detect()
-    plan = plan_memory(model, memory_target or this_machine(device_kind), quantization=quantization,
-                       batch_size=max(1, max_tokens // max_length), max_length=max_length, token=token)
-    print(format_plan(check_fits(plan, force=force)))
-    models, tokenizer = load_models(model, adapter, token=token, dtype=dtype, device_kind=device_kind,
-                                    quantization=quantization, placement=plan.placement)
-    probs = predict_proba(models, tokenizer, df, max_length=max_length, max_tokens=max_tokens, tta=tta,
-                          device_kind=device_kind, progress=progress)
+    runtime = resolve(device, dtype)
+    saved = EncodingSettings.load(adapter) if adapter is not None else None
+    if loaded is None:
+        encoding = resolve_encoding(saved, max_length)
+        plan = plan_memory(model, memory_target or this_machine(runtime.kind), quantization=quantization,
+                           batch_size=rows_per_batch(max_tokens, encoding.max_length),
+                           max_length=encoding.max_length, token=token)
+        print(format_plan(check_fits(plan, force=force)))
+        models, tokenizer, _ = load_models(model, adapter, token=token, runtime=runtime, quantization=quantization,
+                                           placement=plan.placement)
+    else:
+        models, tokenizer, saved = loaded
+        encoding = resolve_encoding(saved, max_length)
+    probs = predict_proba(models, tokenizer, df, encoding, runtime, max_tokens=max_tokens, tta=tta,
+                          progress=progress)
     if rules:
         probs = apply_rules(df, probs)
     ids, expected = df["id"], _file_ids(data_path)
@@ -260,27 +251,24 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
     return write_submission(ids, probs, out, expected_ids=expected)
 
 
-def load_models(name_or_path, adapter=None, token=None, dtype=None, device_kind: str = "cpu",
+def load_models(name_or_path, adapter=None, token=None, runtime: Runtime | None = None,
                 quantization: str | None = None, placement: str | None = None):
-    """The model(s) to predict with and the tokenizer: one copy per visible GPU on CUDA (Kaggle's 2x T4),
-    or with placement="split" (a copy does not fit one GPU) one model split across them; one copy sharded
-    over all devices on XLA; one on CPU."""
-    import torch
-
-    from .device import prepare_model
-    from .model import load_for_inference
-
-    kwargs = dict(adapter_dir=adapter, token=token, dtype=dtype, device_kind=device_kind, quantization=quantization)
-    if device_kind == "cuda" and placement == "split":
+    """(models, tokenizer, encoding) to predict with: one model copy per visible GPU on CUDA (Kaggle's 2x T4),
+    or with placement="split" (a copy does not fit one GPU) one model split across them; one copy sharded over
+    all devices on XLA; one on CPU. `encoding` is what the adapter saved (None without one)."""
+    runtime = runtime or resolve()
+    kwargs = dict(adapter_dir=adapter, token=token, dtype=runtime.dtype, kind=runtime.kind,
+                  quantization=quantization)
+    if runtime.kind == "cuda" and placement == "split":
         # layers spread over the GPUs in turn: it fits, but only one GPU works at a time
-        model, tokenizer = load_for_inference(name_or_path, **kwargs, device_map="auto")
-        return [model], tokenizer
-    if device_kind == "cuda":
+        model, tokenizer, encoding = load_for_inference(name_or_path, **kwargs, device_map="auto")
+        return [model], tokenizer, encoding
+    if runtime.kind == "cuda":
         loaded = [load_for_inference(name_or_path, **kwargs, device_map={"": i})
                   for i in range(torch.cuda.device_count())]
-        return [m for m, _ in loaded], loaded[0][1]
-    model, tokenizer = load_for_inference(name_or_path, **kwargs)
-    return [prepare_model(model, device_kind) if device_kind == "xla" else model], tokenizer
+        return [m for m, _, _ in loaded], loaded[0][1], loaded[0][2]
+    model, tokenizer, encoding = load_for_inference(name_or_path, **kwargs)
+    return [runtime.prepare_model(model)], tokenizer, encoding
 
 
 def _file_ids(path) -> pd.Series:

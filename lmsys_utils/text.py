@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
+
+from .config import DEFAULT_ENCODING, Template
 
 PARTS = ("prompt", "response_a", "response_b")
 
 
-@dataclasses.dataclass(frozen=True)
-class Template:
-    """Markers written before each turn; rounds are interleaved prompt, response A, response B.
-
-    Markers end in a newline so that, with byte-level BPE tokenizers, the text after a marker tokenizes
-    the same alone as inside the full string.
-    """
-
-    prompt: str = "<prompt>\n"
-    """Before each prompt turn."""
-    response_a: str = "\n\n<response_a>\n"
-    """Before each turn of response A."""
-    response_b: str = "\n\n<response_b>\n"
-    """Before each turn of response B."""
-    separator: str = "\n\n"
-    """Between rounds (before every prompt marker but the first)."""
-
-
-DEFAULT_TEMPLATE = Template()
+DEFAULT_TEMPLATE = DEFAULT_ENCODING.template
 
 
 def format_row(prompt, response_a, response_b, template: Template = DEFAULT_TEMPLATE) -> str:
@@ -38,8 +20,8 @@ def format_row(prompt, response_a, response_b, template: Template = DEFAULT_TEMP
     )
 
 
-def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: float = 0.3, keep_tail: int = 0,
-                template: Template = DEFAULT_TEMPLATE, chunk_rows: int = 4096, return_stats: bool = False):
+def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: float = DEFAULT_ENCODING.prompt_share,
+                keep_tail: int = DEFAULT_ENCODING.keep_tail, template: Template = DEFAULT_TEMPLATE, chunk_rows: int = 4096, return_stats: bool = False):
     """Token ids of every row: BOS once, markers intact, at most `max_length` ids, no padding.
 
     A row that is too long shares the budget: the prompt takes at most `prompt_share` of it, response A

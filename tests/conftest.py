@@ -33,7 +33,7 @@ def arena_test_path():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from lmsys_utils.model import build_tiny_model
+    from lmsys_utils.synthetic import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 

@@ -227,11 +227,12 @@ def test_cli_uses_hf_endpoint_and_never_shows_the_token(hub, tiny_model_dir, tmp
 
 RUN = """
 import sys
+from lmsys_utils.config import EncodingSettings
 from lmsys_utils.model import add_lora, load_for_inference, save_adapter
 
-model, tokenizer = load_for_inference(sys.argv[1])
+model, tokenizer, _ = load_for_inference(sys.argv[1])
 model = add_lora(model, r=2)
-save_adapter(model, tokenizer, sys.argv[2], settings={"model": sys.argv[1], "token": "not this one"})
+save_adapter(model, tokenizer, sys.argv[2], encoding=EncodingSettings())
 print("saved adapter of", type(model.base_model.model).__name__)
 """
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from lmsys_utils.data import (
     LABEL_COLUMNS, ArenaDataError, load_arena, split_train_valid, swap_ab, to_competition_csv,
 )
-from lmsys_utils.demo import make_demo_data
+from lmsys_utils.synthetic import make_demo_data
 
 HEADER = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie"
 

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from lmsys_utils.data import LABEL_COLUMNS, load_arena
-from lmsys_utils.demo import make_demo_data, write_demo_data
+from lmsys_utils.synthetic import make_demo_data, write_demo_data
 from lmsys_utils.metrics import log_loss
 
 

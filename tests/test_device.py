@@ -33,21 +33,28 @@ def test_detect_picks_xla_only_for_a_real_accelerator(no_tpu):
     assert dev.detect() == "cuda"
 
 
-def test_dtypes_devices_and_main_process(monkeypatch):
-    assert dev.default_dtype("xla") == torch.bfloat16
-    assert dev.default_dtype("cuda") == torch.float16
-    assert dev.default_dtype("cpu") == torch.float32
-    assert dev.get_device("cpu") == torch.device("cpu") and dev.num_data_shards("cpu") == 1
-    dev.sync("cpu")
-    with dev.autocast("cpu", None):
+def test_runtime_is_resolved_once_with_the_dtype_rule(monkeypatch):
+    assert dev.resolve_dtype("auto", "xla") == torch.bfloat16
+    assert dev.resolve_dtype("auto", "cuda") == torch.float16
+    assert dev.resolve_dtype("auto", "cpu") == torch.float32
+    assert dev.resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='half'"):
+        dev.resolve_dtype("half", "cpu")
+    with pytest.raises(ValueError, match="device='tpu'"):
+        dev.resolve("tpu")
+    runtime = dev.resolve("cpu")
+    assert (runtime.kind, runtime.device, runtime.dtype, runtime.shards, runtime.padding) == (
+        "cpu", torch.device("cpu"), torch.float32, 1, "dynamic")
+    assert runtime.amp_dtype is None and runtime.main
+    runtime.sync()
+    with runtime.autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
-    with dev.autocast("cpu", torch.bfloat16):
+    with dev.resolve("cpu", "bf16").autocast():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
-    monkeypatch.setattr(dev, "detect", lambda: "cpu")
+    with runtime.inference():
+        assert torch.is_inference_mode_enabled()
     monkeypatch.setenv("RANK", "1")
-    assert not dev.is_main_process()
-    monkeypatch.setenv("RANK", "0")
-    assert dev.is_main_process()
+    assert not dev.resolve("cpu").main
 
 
 def test_rng_state_round_trip():
@@ -79,7 +86,21 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model_dir):
         dev.enable_gradient_checkpointing(torch.nn.Linear(2, 2), "cpu")
 
 
-def test_importing_the_package_does_not_import_torch_xla():
-    code = "import sys, lmsys_utils.device, lmsys_utils.train; print('torch_xla' in sys.modules)"
+def test_only_device_imports_torch_xla_and_only_inside_functions():
+    """CPU installs never need torch_xla (transformers and peft import it by themselves when it is installed)."""
+    import ast
+    from pathlib import Path
+
+    package = Path(dev.__file__).parent
+    for path in package.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        top_level = {id(n) for n in tree.body}
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n.split(".")[0] == "torch_xla" for n in names):
+                assert path.name == "device.py", f"{path.name} imports torch_xla"
+                assert id(node) not in top_level, f"device.py imports torch_xla at the top (line {node.lineno})"
+    code = "import sys, lmsys_utils.device, lmsys_utils.batching, lmsys_utils.text; print('torch_xla' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

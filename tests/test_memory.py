@@ -134,7 +134,7 @@ def _args(plan):
 
 @pytest.fixture(scope="module")
 def small_model_dir(tmp_path_factory):
-    from lmsys_utils.model import build_tiny_model
+    from lmsys_utils.synthetic import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("small_model"), hidden_size=256, num_layers=4)
 

@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmsys_utils.model import (AdapterError, ID2LABEL, add_lora, build_tiny_model, load_adapter, load_classifier,
-                               load_for_inference, load_tokenizer, save_adapter)
+from lmsys_utils.config import EncodingSettings
+from lmsys_utils.data import ID2LABEL
+from lmsys_utils.model import (AdapterError, add_lora, load_adapter, load_classifier, load_for_inference,
+                               load_tokenizer, save_adapter)
+from lmsys_utils.synthetic import build_tiny_model
+
+ENCODING = EncodingSettings(max_length=160, prompt_share=0.5)
 
 SECRET = "hf_neverWriteThisTokenAnywhere42"
 
@@ -53,7 +58,7 @@ def test_load_classifier(tiny_model_dir, tokenizer, batch):
     assert model.config.pad_token_id == tokenizer.pad_token_id is not None and tokenizer.padding_side == "right"
     assert model.dtype == torch.float32  # cpu default
     assert model(**batch).logits.shape == (3, 3)
-    xla = load_classifier(tiny_model_dir, tokenizer, device_kind="xla")  # not moved: only the settings
+    xla = load_classifier(tiny_model_dir, tokenizer, kind="xla")  # not moved: only the settings
     assert xla.dtype == torch.bfloat16 and xla.config._attn_implementation == "eager"
     assert load_classifier(tiny_model_dir, tokenizer, dtype="fp16").dtype == torch.float16
     with pytest.raises(ValueError, match="dtype='half'"):
@@ -61,7 +66,7 @@ def test_load_classifier(tiny_model_dir, tokenizer, batch):
     with pytest.raises(ValueError, match="quantization='3bit'"):
         load_classifier(tiny_model_dir, tokenizer, quantization="3bit")
     with pytest.raises(ValueError, match="does not run on TPU"):
-        load_classifier(tiny_model_dir, tokenizer, device_kind="xla", quantization="8bit")
+        load_classifier(tiny_model_dir, tokenizer, kind="xla", quantization="8bit")
 
 
 def test_lora_defaults_per_architecture(tiny_model_dir, tokenizer, capsys):
@@ -90,13 +95,12 @@ def test_round_trip_is_exact(tiny_model_dir, tokenizer, batch, tmp_path, capsys,
     model = trained_lora(tiny_model_dir, tokenizer, batch)
     with torch.no_grad():
         before = model(**batch).logits
-    out = save_adapter(model, tokenizer, tmp_path / "adapter",
-                       settings={"model": str(tiny_model_dir), "lora_r": 4, "token": SECRET, "hf_token": SECRET})
-    assert {"adapter_config.json", "adapter_model.safetensors", "run_settings.json",
+    out = save_adapter(model, tokenizer, tmp_path / "adapter", encoding=ENCODING)
+    assert {"adapter_config.json", "adapter_model.safetensors", "encoding.json",
             "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "run_settings.json").read_text()) == {"model": str(tiny_model_dir), "lora_r": 4}
 
-    loaded, loaded_tokenizer = load_for_inference(tiny_model_dir, out, token=SECRET)
+    loaded, loaded_tokenizer, encoding = load_for_inference(tiny_model_dir, out, token=SECRET)
+    assert encoding == ENCODING
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     with torch.no_grad():
         after = loaded(**batch).logits
@@ -105,7 +109,7 @@ def test_round_trip_is_exact(tiny_model_dir, tokenizer, batch, tmp_path, capsys,
     with torch.no_grad():  # the adapter matters: the bare base predicts something else
         assert not torch.allclose(load_classifier(tiny_model_dir, tokenizer)(**batch).logits, after)
 
-    # the token went in as an argument and a setting; it must appear in nothing the run wrote or showed
+    # the token went in as an argument; it must appear in nothing the run wrote or showed
     captured = capsys.readouterr()
     assert SECRET not in captured.out + captured.err + caplog.text
     for path in out.rglob("*"):
@@ -115,7 +119,7 @@ def test_round_trip_is_exact(tiny_model_dir, tokenizer, batch, tmp_path, capsys,
 def test_strict_loading(tiny_model_dir, tokenizer, batch, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    out = save_adapter(trained_lora(tiny_model_dir, tokenizer, batch, steps=1), tokenizer, tmp_path / "a")
+    out = save_adapter(trained_lora(tiny_model_dir, tokenizer, batch, steps=1), tokenizer, tmp_path / "a", encoding=ENCODING)
     weights = load_file(out / "adapter_model.safetensors")
     head = "base_model.model.score.weight"
     assert head in weights
@@ -165,6 +169,7 @@ import sys, torch
 import torch_xla.core.xla_model as xm
 from torch_xla.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
+from lmsys_utils.config import EncodingSettings
 from lmsys_utils.model import add_lora, load_classifier, load_for_inference, load_tokenizer, save_adapter
 
 tokenizer = load_tokenizer(sys.argv[1])
@@ -173,7 +178,7 @@ device = xm.xla_device()
 grads = []
 for kind, dev in (("xla", device), ("cpu", "cpu")):
     torch.manual_seed(0)
-    model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", device_kind=kind,
+    model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", kind=kind,
                                      gradient_checkpointing=kind == "xla"), r=4, dropout=0.0)
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     assert len(layers) == (2 if kind == "xla" else 0), layers
@@ -189,14 +194,14 @@ for name in grads[1]:
 print("same gradients")
 
 # saving straight from XLA tensors fails in peft; save_adapter copies the adapter to the CPU first
-model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", device_kind="xla"), r=4).to(device).eval()
+model = add_lora(load_classifier(sys.argv[1], tokenizer, dtype="fp32", kind="xla"), r=4).to(device).eval()
 for p in model.parameters():
     if p.requires_grad:
         p.data.normal_(0, 0.1)
 with torch.no_grad():
     on_xla = model(**{k: v.to(device) for k, v in batch.items()}).logits.cpu()
-save_adapter(model, tokenizer, sys.argv[2])
-reloaded, _ = load_for_inference(sys.argv[1], sys.argv[2])
+save_adapter(model, tokenizer, sys.argv[2], encoding=EncodingSettings())
+reloaded, _, _ = load_for_inference(sys.argv[1], sys.argv[2])
 with torch.no_grad():
     torch.testing.assert_close(reloaded(**batch).logits, on_xla, rtol=1e-4, atol=1e-5)
 print("saved from XLA")
@@ -223,8 +228,8 @@ def test_gradient_checkpointing_and_saving_on_xla(tiny_model_dir, tmp_path):
 def test_quantized_on_cpu(tiny_model_dir, tokenizer, batch, quantization, tolerance, tmp_path):
     bnb = pytest.importorskip("bitsandbytes")
     reference = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
-    out = save_adapter(reference, tokenizer, tmp_path / "adapter")
-    quantized, _ = load_for_inference(tiny_model_dir, out, quantization=quantization)
+    out = save_adapter(reference, tokenizer, tmp_path / "adapter", encoding=ENCODING)
+    quantized, _, _ = load_for_inference(tiny_model_dir, out, quantization=quantization)
     assert any(isinstance(m, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)) for m in quantized.modules())
     with torch.no_grad():
         torch.testing.assert_close(quantized(**batch).logits.float(), reference(**batch).logits,

@@ -11,7 +11,7 @@ from matplotlib.text import Text
 
 from lmsys_utils import plots
 from lmsys_utils.data import LABEL_COLUMNS, load_arena
-from lmsys_utils.demo import make_demo_data
+from lmsys_utils.synthetic import make_demo_data
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_prompt_labels_render_as_written():
 
 
 def test_unlabeled_rows_raise_a_clear_error(demo_df):
-    with pytest.raises(ValueError, match="labeled rows"):
+    with pytest.raises(ValueError, match="need the label columns"):
         plots.plot_label_balance(demo_df.drop(columns=list(LABEL_COLUMNS)))
 
 

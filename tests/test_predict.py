@@ -6,13 +6,15 @@ import pandas as pd
 import pytest
 import torch
 
+from lmsys_utils.config import EncodingSettings
 from lmsys_utils.data import LABEL_COLUMNS, load_arena, swap_ab
-from lmsys_utils.demo import make_demo_data
+from lmsys_utils.device import resolve
 from lmsys_utils.metrics import log_loss
 from lmsys_utils.predict import (
     A_EMPTY_PROBS, IDENTICAL_PROBS, SubmissionError, apply_rules, compare_rules, predict, predict_proba,
     write_submission,
 )
+from lmsys_utils.synthetic import make_demo_data
 
 OFFICIAL_TEST_IDS = [136060, 211333, 1233961]
 
@@ -109,7 +111,7 @@ def test_compare_rules_reports_both_losses():
     assert report["log_loss"] == pytest.approx(np.log(3))
     assert report["log_loss_with_rules"] == pytest.approx(log_loss(targets, apply_rules(df, probs)))
     assert report["changed_log_loss_with_rules"] < report["changed_log_loss"]
-    with pytest.raises(ValueError, match="labeled"):
+    with pytest.raises(ValueError, match="label columns"):
         compare_rules(df.drop(columns=["winner_tie"]), probs)
 
 
@@ -185,7 +187,7 @@ def test_rows_come_back_in_input_order(bpe_tokenizer, demo_rows):
 
     model = RowModel()
     # a small token budget: many batches of different lengths and row counts
-    probs = predict_proba(model, bpe_tokenizer, demo_rows, max_length=256, max_tokens=1024, device_kind="cpu")
+    probs = predict_proba(model, bpe_tokenizer, demo_rows, EncodingSettings(256), resolve("cpu"), max_tokens=1024)
     seqs = encode_rows(bpe_tokenizer, demo_rows, 256)
     assert len({len(s) for s in seqs}) > 10 and model.calls > 5
     np.testing.assert_allclose(probs, _expected_row_probs(model, seqs), rtol=0, atol=1e-7)
@@ -196,7 +198,7 @@ def test_batched_tiny_llama_matches_one_row_at_a_time(tiny_model, bpe_tokenizer,
     from lmsys_utils.text import encode_rows
 
     rows = demo_rows.head(24)
-    probs = predict_proba(tiny_model, bpe_tokenizer, rows, max_length=128, max_tokens=800, device_kind="cpu")
+    probs = predict_proba(tiny_model, bpe_tokenizer, rows, EncodingSettings(128), resolve("cpu"), max_tokens=800)
     expected = _expected_row_probs(tiny_model, encode_rows(bpe_tokenizer, rows, 128))
     # right padding and the classifier's last-non-pad-token read leave each row's result unchanged
     np.testing.assert_allclose(probs, expected, rtol=0, atol=1e-5)
@@ -210,16 +212,16 @@ def test_tta_is_a_no_op_for_a_model_that_ignores_the_ab_order(bpe_tokenizer):
         "response_b": [["zebra"], ["apple apple"], ["zebra zebra"], ["apple"]],
     })
     model = WordCountModel(bpe_tokenizer)
-    plain = predict_proba(model, bpe_tokenizer, df, max_length=128, device_kind="cpu")
-    tta = predict_proba(model, bpe_tokenizer, df, max_length=128, tta=True, device_kind="cpu")
+    plain = predict_proba(model, bpe_tokenizer, df, EncodingSettings(128), resolve("cpu"))
+    tta = predict_proba(model, bpe_tokenizer, df, EncodingSettings(128), resolve("cpu"), tta=True)
     assert not np.allclose(plain[:, 0], plain[:, 1])  # A and B do differ, so a missed column swap would show
     np.testing.assert_allclose(tta, plain, rtol=0, atol=1e-7)
 
 
 def test_tta_cancels_a_first_position_bias(bpe_tokenizer, demo_rows):
     model = FirstWinsModel()
-    plain = predict_proba(model, bpe_tokenizer, demo_rows, max_length=128, device_kind="cpu")
-    tta = predict_proba(model, bpe_tokenizer, demo_rows, max_length=128, tta=True, device_kind="cpu")
+    plain = predict_proba(model, bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"))
+    tta = predict_proba(model, bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"), tta=True)
     assert (plain[:, 0] > plain[:, 1] + 0.5).all()
     np.testing.assert_allclose(tta[:, 0], tta[:, 1], rtol=0, atol=1e-12)
     np.testing.assert_allclose(tta[:, 2], plain[:, 2], rtol=0, atol=1e-7)
@@ -227,12 +229,12 @@ def test_tta_cancels_a_first_position_bias(bpe_tokenizer, demo_rows):
 
 
 def test_two_model_copies_in_threads_equal_one(tiny_model, bpe_tokenizer, demo_rows):
-    single = predict_proba(tiny_model, bpe_tokenizer, demo_rows, max_length=128, max_tokens=512, device_kind="cpu")
+    single = predict_proba(tiny_model, bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"), max_tokens=512)
     copies = [copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)]
     calls = [0, 0]
     for i, m in enumerate(copies):
         m.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    multi = predict_proba(copies, bpe_tokenizer, demo_rows, max_length=128, max_tokens=512, device_kind="cpu")
+    multi = predict_proba(copies, bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"), max_tokens=512)
     assert calls[0] > 0 and calls[1] > 0, f"both copies must take batches, got {calls}"
     np.testing.assert_array_equal(multi, single)
 
@@ -243,15 +245,14 @@ def test_a_failing_device_copy_raises(bpe_tokenizer, demo_rows):
             raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(RuntimeError, match="simulated"):
-        predict_proba([RowModel(), Broken()], bpe_tokenizer, demo_rows, max_length=128, max_tokens=512,
-                      device_kind="cpu")
+        predict_proba([RowModel(), Broken()], bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"), max_tokens=512)
 
 
 # --- the entry point ---
 
 def test_predict_end_to_end_on_the_real_test_file(tiny_model_dir, arena_test_path, tmp_path):
     out = tmp_path / "submission.csv"
-    sub = predict(arena_test_path, str(tiny_model_dir), out=out, tta=True, max_length=256, device_kind="cpu",
+    sub = predict(arena_test_path, str(tiny_model_dir), out=out, tta=True, max_length=256, device="cpu",
                   progress=False)
     written = pd.read_csv(out)
     assert written["id"].tolist() == OFFICIAL_TEST_IDS == sub["id"].tolist()
@@ -263,28 +264,28 @@ def test_predict_end_to_end_on_the_real_test_file(tiny_model_dir, arena_test_pat
 def test_predict_with_an_adapter_and_an_unreadable_row(tiny_model_dir, arena_test_path, tmp_path):
     from lmsys_utils.model import add_lora, load_for_inference, save_adapter
 
-    base, tokenizer = load_for_inference(tiny_model_dir)
+    base, tokenizer, _ = load_for_inference(tiny_model_dir)
     lora = add_lora(base, r=4, alpha=8)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained adapter: its output differs from the base model's
-    adapter = save_adapter(lora, tokenizer, tmp_path / "adapter")
+    adapter = save_adapter(lora, tokenizer, tmp_path / "adapter", encoding=EncodingSettings(256))
     rows = pd.read_csv(arena_test_path)
     rows.loc[1, "response_b"] = "not json"
     data = tmp_path / "test.csv"
     rows.to_csv(data, index=False)
 
-    sub = predict(data, str(tiny_model_dir), adapter=adapter, out=tmp_path / "sub.csv", max_length=256,
-                  device_kind="cpu", progress=False)
+    sub = predict(data, str(tiny_model_dir), adapter=adapter, out=tmp_path / "sub.csv", device="cpu",
+                  progress=False)
     assert sub["id"].tolist() == OFFICIAL_TEST_IDS
     np.testing.assert_allclose(sub.iloc[1, 1:].to_numpy(dtype=float), 1 / 3)  # unreadable: the uniform guess
     df, _ = load_arena(arena_test_path)
-    model, tokenizer = load_for_inference(tiny_model_dir, adapter)
-    expected = predict_proba(model, tokenizer, df.iloc[[0, 2]], max_length=256, device_kind="cpu")
+    model, tokenizer, _ = load_for_inference(tiny_model_dir, adapter)
+    expected = predict_proba(model, tokenizer, df.iloc[[0, 2]], EncodingSettings(256), resolve("cpu"))
     np.testing.assert_allclose(sub.iloc[[0, 2], 1:].to_numpy(dtype=float), expected, atol=1e-6)
-    plain = predict(data, str(tiny_model_dir), out=tmp_path / "plain.csv", max_length=256, device_kind="cpu",
+    plain = predict(data, str(tiny_model_dir), out=tmp_path / "plain.csv", max_length=256, device="cpu",
                     progress=False)
     assert not np.allclose(plain.iloc[[0, 2], 1:].to_numpy(dtype=float), expected, atol=1e-3)
 
@@ -304,10 +305,11 @@ def test_cli_predict(tiny_model_dir, arena_test_path, tmp_path, capsys):
 XLA_SCRIPT = """
 import sys, numpy as np, torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-from lmsys_utils.demo import make_demo_data
 import torch_xla.debug.metrics as met
-from lmsys_utils.device import prepare_model
+from lmsys_utils.config import EncodingSettings
+from lmsys_utils.device import resolve
 from lmsys_utils.predict import predict_proba
+from lmsys_utils.synthetic import make_demo_data
 
 def compile_count():
     # under SPMD every host transfer of a sharded result adds a cached (cheap) compile; count real ones
@@ -316,12 +318,12 @@ def compile_count():
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
 model = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], attn_implementation="eager").eval()
 df = make_demo_data(24, seed=5)
-cpu = predict_proba(model, tokenizer, df, max_length=128, max_tokens=512, device_kind="cpu")
-xla_model = prepare_model(model, "xla")
-first = predict_proba(xla_model, tokenizer, df, max_length=128, max_tokens=512, device_kind="xla", buckets=[64, 128])
+cpu = predict_proba(model, tokenizer, df, EncodingSettings(128), resolve("cpu"), max_tokens=512)
+xla_model = resolve("xla").prepare_model(model)
+first = predict_proba(xla_model, tokenizer, df, EncodingSettings(128), resolve("xla"), max_tokens=512)
 compiled = compile_count()
-again = predict_proba(xla_model, tokenizer, df.sample(frac=1, random_state=1), max_length=128, max_tokens=512,
-                      device_kind="xla", buckets=[64, 128])
+again = predict_proba(xla_model, tokenizer, df.sample(frac=1, random_state=1), EncodingSettings(128), resolve("xla"),
+                      max_tokens=512)
 print("RESULT", compiled, compile_count() - compiled, np.abs(first - cpu).max(),
       np.abs(again - first[df.sample(frac=1, random_state=1).index]).max())
 """
@@ -341,7 +343,7 @@ def test_xla_buckets_compile_once_and_match_cpu(tiny_model_dir):
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled, recompiled, diff_cpu, diff_again = map(float, run.stdout.split("RESULT")[1].split())
-    # two buckets: one forward graph each, none on a rerun in another row order
+    # one bucket (max_length 128): one forward graph, none on a rerun in another row order
     assert 0 < compiled <= 2 and recompiled == 0, (compiled, recompiled)
     assert diff_cpu < 1e-4 and diff_again < 1e-6
 
@@ -357,3 +359,46 @@ def test_cli_predict_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_di
     with pytest.warns(UserWarning, match="forced"):
         assert main(args + ["--force"]) == 0
     assert pd.read_csv(out)["id"].tolist() == OFFICIAL_TEST_IDS
+
+
+def test_the_encoding_saved_with_the_adapter_is_what_predict_uses(tiny_model_dir, arena_train_path, tmp_path,
+                                                                   capsys):
+    """Trained with max_length=160 and prompt_share=0.5: predicting with no flags uses exactly those settings;
+    only an explicit --max-length changes the inputs, and says so."""
+    from lmsys_utils.cli import main
+    from lmsys_utils.model import add_lora, load_for_inference, save_adapter
+
+    base, tokenizer, _ = load_for_inference(tiny_model_dir)
+    lora = add_lora(base, r=4, alpha=8)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.5)
+    trained = EncodingSettings(max_length=160, prompt_share=0.5)
+    adapter = save_adapter(lora, tokenizer, tmp_path / "adapter", encoding=trained)
+    rows = pd.read_csv(arena_train_path, nrows=12).drop(columns=list(LABEL_COLUMNS))
+    data = tmp_path / "test.csv"
+    rows.to_csv(data, index=False)  # real rows, most of them longer than 160 tokens
+
+    def run(*flags):
+        out = tmp_path / f"sub{len(list(tmp_path.glob('sub*')))}.csv"
+        args = ["predict", "--data", str(data), "--model", str(tiny_model_dir), "--adapter", str(adapter),
+                "--out", str(out), "--device", "cpu", *flags]
+        assert main(args) == 0
+        return pd.read_csv(out).iloc[:, 1:].to_numpy(), capsys.readouterr().out
+
+    no_flags, said = run()
+    assert "override" not in said
+    model, tokenizer, saved = load_for_inference(tiny_model_dir, adapter)
+    assert saved == trained
+    explicit = predict_proba(model, tokenizer, load_arena(data)[0], trained, resolve("cpu"))
+    np.testing.assert_allclose(no_flags, explicit, atol=1e-6)
+    same, said = run("--max-length", "160")
+    np.testing.assert_allclose(same, no_flags, atol=1e-9)
+    assert "override" not in said
+    longer, said = run("--max-length", "1024")
+    assert "max_length 1024 (override; the model was trained with 160)" in said
+    assert np.abs(longer - no_flags).max() > 1e-3
+    default_share = predict_proba(model, tokenizer, load_arena(data)[0], EncodingSettings(160), resolve("cpu"))
+    assert np.abs(default_share - no_flags).max() > 1e-3  # prompt_share travels too, not only max_length

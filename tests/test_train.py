@@ -1,4 +1,4 @@
-"""fit() on CPU (eager): learning, progress output, resume, atomic checkpoints, the train() entry point."""
+"""fit_rows() on CPU (eager): learning, progress output, resume, atomic checkpoints, the train() entry point."""
 
 import dataclasses
 import io
@@ -18,7 +18,8 @@ import torch
 
 from lmsys_utils.config import Config
 from lmsys_utils.data import LABEL_COLUMNS, split_train_valid
-from lmsys_utils.demo import make_demo_data
+from lmsys_utils.device import resolve
+from lmsys_utils.synthetic import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,16 @@ def small_config(tmp_path, **changes) -> Config:
 def tiny_lora(model_dir, tokenizer, dropout=0.0, seed=0):
     from lmsys_utils.model import add_lora, load_classifier
 
-    model = load_classifier(model_dir, tokenizer, dtype="fp32", device_kind="cpu")
+    model = load_classifier(model_dir, tokenizer, dtype="fp32", kind="cpu")
     torch.manual_seed(seed)
     return add_lora(model, r=4, alpha=8, dropout=dropout)
+
+
+def fit_rows(model, tokenizer, train_df, valid_df, config, progress_file=None, kind="cpu"):
+    """setup() + fit_rows() on rows already in memory, as train() runs them after loading a CSV."""
+    from lmsys_utils.train import fit, setup
+
+    return fit(setup(model, tokenizer, train_df, valid_df, config, resolve(kind)), config, progress_file)
 
 
 def demo_rows(n, seed=0):
@@ -52,11 +60,10 @@ def tokenizer(tiny_model_dir):
 
 
 def test_loss_falls_on_data_the_model_can_memorize(tiny_model_dir, tokenizer, tmp_path):
-    from lmsys_utils.train import fit
 
     rows = demo_rows(8)
     config = small_config(tmp_path, max_steps=30, log_every=5, batch_size=8, schedule="constant")
-    history = fit(tiny_lora(tiny_model_dir, tokenizer), tokenizer, rows, None, config, device_kind="cpu",
+    history = fit_rows(tiny_lora(tiny_model_dir, tokenizer), tokenizer, rows, None, config,
                   progress_file=io.StringIO())
     assert len(history["loss"]) == 30 and history["step"] == list(range(1, 31))
     first, last = np.mean(history["loss"][:3]), np.mean(history["loss"][-3:])
@@ -66,12 +73,10 @@ def test_loss_falls_on_data_the_model_can_memorize(tiny_model_dir, tokenizer, tm
 
 
 def test_progress_shows_every_step_and_the_compile_notice_first(tiny_model_dir, tokenizer, tmp_path):
-    from lmsys_utils.train import fit
 
     out = io.StringIO()
     config = small_config(tmp_path, max_steps=10, log_every=4)
-    history = fit(tiny_lora(tiny_model_dir, tokenizer), tokenizer, demo_rows(48), None, config,
-                  device_kind="cpu", progress_file=out)
+    history = fit_rows(tiny_lora(tiny_model_dir, tokenizer), tokenizer, demo_rows(48), None, config, progress_file=out)
     text = out.getvalue()
     shown = [(int(m[1]), int(m[2]), m[3].strip()) for piece in re.split(r"[\r\n]", text)
              if (m := re.match(r"train (\d+)/(\d+) \|[^|]*\|(.*)$", piece))]
@@ -87,16 +92,16 @@ def test_progress_shows_every_step_and_the_compile_notice_first(tiny_model_dir, 
 
 
 def test_validation_log_loss_falls_on_demo_data(tiny_model_dir, tokenizer, tmp_path):
-    from lmsys_utils.train import evaluate, fit
+    from lmsys_utils.train import evaluate
     from lmsys_utils.text import encode_rows
 
     train_df, valid_df = split_train_valid(demo_rows(240), 0.25, seed=0)
     model = tiny_lora(tiny_model_dir, tokenizer)
     seqs = encode_rows(tokenizer, valid_df, 64)
     targets = valid_df[list(LABEL_COLUMNS)].to_numpy(np.float32)
-    before = evaluate(model, seqs, targets, 16, tokenizer.pad_token_id, None, "cpu")["log_loss"]
+    before = evaluate(model, seqs, targets, 16, tokenizer.pad_token_id, None, resolve("cpu"))["log_loss"]
     config = small_config(tmp_path, max_steps=40, batch_size=8, lr=5e-3, eval_every=20, log_every=10)
-    history = fit(model, tokenizer, train_df, valid_df, config, device_kind="cpu", progress_file=io.StringIO())
+    history = fit_rows(model, tokenizer, train_df, valid_df, config, progress_file=io.StringIO())
     after = history["eval"][-1]["log_loss"]
     assert [e["step"] for e in history["eval"]] == [20, 40]
     assert after < before - 0.02, (before, after)
@@ -104,14 +109,13 @@ def test_validation_log_loss_falls_on_demo_data(tiny_model_dir, tokenizer, tmp_p
 
 @pytest.mark.slow
 def test_resume_continues_with_the_same_losses(tiny_model_dir, tokenizer, tmp_path):
-    from lmsys_utils.train import fit
 
     train_df, valid_df = split_train_valid(demo_rows(120), 0.2, seed=0)
     # dropout on and swap augmentation on: the resumed run must restore RNG states and the data position
     config = small_config(tmp_path, max_steps=12, save_every=4, eval_every=6, lr=3e-3, lora_dropout=0.1,
                           swap_augment=True, schedule="cosine", log_every=3)
-    full = fit(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1), tokenizer, train_df, valid_df,
-               dataclasses.replace(config, output_dir=str(tmp_path / "full")), device_kind="cpu",
+    full = fit_rows(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1), tokenizer, train_df, valid_df,
+               dataclasses.replace(config, output_dir=str(tmp_path / "full")),
                progress_file=io.StringIO())
 
     class StopAt(io.StringIO):  # like Ctrl-C right after step 7 is shown
@@ -124,11 +128,10 @@ def test_resume_continues_with_the_same_losses(tiny_model_dir, tokenizer, tmp_pa
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1), tokenizer, train_df, valid_df, config,
-            device_kind="cpu", progress_file=StopAt())
+        fit_rows(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1), tokenizer, train_df, valid_df, config, progress_file=StopAt())
     out = io.StringIO()
-    resumed = fit(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1, seed=123), tokenizer, train_df, valid_df,
-                  dataclasses.replace(config, resume=True), device_kind="cpu", progress_file=out)
+    resumed = fit_rows(tiny_lora(tiny_model_dir, tokenizer, dropout=0.1, seed=123), tokenizer, train_df, valid_df,
+                  dataclasses.replace(config, resume=True), progress_file=out)
     assert "continuing from step 6" in out.getvalue()  # step 6: best eval so far, newest checkpoint
     assert resumed["step"] == full["step"]
     np.testing.assert_allclose(resumed["loss"], full["loss"], rtol=0, atol=1e-6)
@@ -138,12 +141,11 @@ def test_resume_continues_with_the_same_losses(tiny_model_dir, tokenizer, tmp_pa
 
 def test_checkpoints_keep_last_and_best(tiny_model_dir, tokenizer, tmp_path):
     from lmsys_utils.model import load_adapter, load_classifier
-    from lmsys_utils.train import fit, latest_checkpoint
+    from lmsys_utils.train import latest_checkpoint
 
     train_df, valid_df = split_train_valid(demo_rows(80), 0.2, seed=0)
     config = small_config(tmp_path, max_steps=8, save_every=2, eval_every=2, log_every=2, lr=5e-2)
-    history = fit(tiny_lora(tiny_model_dir, tokenizer), tokenizer, train_df, valid_df, config,
-                  device_kind="cpu", progress_file=io.StringIO())
+    history = fit_rows(tiny_lora(tiny_model_dir, tokenizer), tokenizer, train_df, valid_df, config, progress_file=io.StringIO())
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     best = f"step-{history['best_step']:07d}"
     assert set(ckpts) == {"step-0000008", best}
@@ -156,8 +158,10 @@ def test_checkpoints_keep_last_and_best(tiny_model_dir, tokenizer, tmp_path):
 KILL_WORKER = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    from transformers import get_scheduler
+    from lmsys_utils.config import Config
+    from lmsys_utils.device import resolve
     from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+    from lmsys_utils.synthetic import make_demo_data
     from lmsys_utils import train
 
     model_dir, ckpt_dir = sys.argv[1], Path(sys.argv[2])
@@ -165,10 +169,12 @@ KILL_WORKER = textwrap.dedent("""
     model = load_classifier(model_dir, tokenizer, dtype="fp32")
     torch.manual_seed(0)
     model = add_lora(model, r=4, alpha=8)
+    config = Config(train_path="unused", output_dir=str(ckpt_dir.parent), max_length=64, batch_size=4, lr=1e-3,
+                    max_steps=10, warmup_steps=1, schedule="linear")
+    state = train.setup(model, tokenizer, make_demo_data(8), None, config, resolve("cpu"))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=1, num_training_steps=10)
-    train.save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, 1, {"loss": [1.0]}, "cpu", 1)
+    state.step, state.history = 1, {"loss": [1.0]}
+    train.save_checkpoint(ckpt_dir, state, 1)
     real_save = torch.save
 
     def save_then_hang(obj, f, *args, **kwargs):  # the process dies in the middle of writing step 2
@@ -180,7 +186,8 @@ KILL_WORKER = textwrap.dedent("""
     train.torch.save = save_then_hang
     with torch.no_grad():
         params[0].add_(1.0)
-    train.save_checkpoint(ckpt_dir, model, tokenizer, optimizer, scheduler, 2, {"loss": [1.0, 0.5]}, "cpu", 2)
+    state.step, state.history = 2, {"loss": [1.0, 0.5]}
+    train.save_checkpoint(ckpt_dir, state, 2)
 """)
 
 
@@ -218,25 +225,23 @@ def test_killed_while_writing_a_checkpoint_leaves_the_previous_one(tiny_model_di
 
 def test_user_errors_are_clear(tiny_model_dir, tokenizer, tmp_path):
     from lmsys_utils.model import load_classifier
-    from lmsys_utils.train import fit
 
     model = tiny_lora(tiny_model_dir, tokenizer)
     with pytest.raises(ValueError, match="batch_size"):
-        fit(model, tokenizer, demo_rows(3), None, small_config(tmp_path, batch_size=8), device_kind="cpu")
+        fit_rows(model, tokenizer, demo_rows(3), None, small_config(tmp_path, batch_size=8))
     with pytest.raises(ValueError, match="label columns"):
-        fit(model, tokenizer, demo_rows(8).drop(columns=["winner_tie"]), None, small_config(tmp_path),
-            device_kind="cpu")
+        fit_rows(model, tokenizer, demo_rows(8).drop(columns=["winner_tie"]), None, small_config(tmp_path))
     bare = load_classifier(tiny_model_dir, tokenizer, dtype="fp32")
     for p in bare.parameters():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="add LoRA"):
-        fit(bare, tokenizer, demo_rows(8), None, small_config(tmp_path), device_kind="cpu")
+        fit_rows(bare, tokenizer, demo_rows(8), None, small_config(tmp_path))
 
 
 @pytest.mark.slow
 def test_train_entry_point_end_to_end_from_the_cli(tiny_model_dir, tmp_path, capsys):
     from lmsys_utils.cli import main
-    from lmsys_utils.demo import write_demo_data
+    from lmsys_utils.synthetic import write_demo_data
     from lmsys_utils.model import load_for_inference
 
     train_path, _ = write_demo_data(tmp_path / "data", n_train=120, n_test=4)
@@ -250,13 +255,13 @@ def test_train_entry_point_end_to_end_from_the_cli(tiny_model_dir, tmp_path, cap
     history = json.loads((out / "history.json").read_text())
     assert history["device"] == "cpu" and len(history["loss"]) == 6 and len(history["eval"]) == 2
     assert Config.load(out / "config.json") == config
-    model, _ = load_for_inference(tiny_model_dir, out / "adapter", dtype="fp32")
+    model, _, _ = load_for_inference(tiny_model_dir, out / "adapter", dtype="fp32")
     assert not model.training
 
 
 def test_train_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_dir, tmp_path, capsys):
     from lmsys_utils.cli import main
-    from lmsys_utils.demo import write_demo_data
+    from lmsys_utils.synthetic import write_demo_data
 
     train_path, _ = write_demo_data(tmp_path / "data", n_train=60, n_test=4)
     config = small_config(tmp_path, train_path=str(train_path), model=str(tiny_model_dir), max_steps=2,
@@ -276,7 +281,7 @@ def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, q
     """Config.quantization loads bitsandbytes weights (runs on the CPU here, as on a GPU) and trains LoRA on top."""
     import logging
 
-    from lmsys_utils.demo import write_demo_data
+    from lmsys_utils.synthetic import write_demo_data
     from lmsys_utils.model import load_for_inference
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -289,5 +294,5 @@ def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, q
     history = train(config)
     assert f"params, {quantization}, training" in capsys.readouterr().out  # the plan counted the quantized weights
     assert len(history["loss"]) == 4 and np.isfinite(history["loss"]).all()
-    model, _ = load_for_inference(tiny_model_dir, tmp_path / "run" / "adapter", quantization=quantization)
+    model, _, _ = load_for_inference(tiny_model_dir, tmp_path / "run" / "adapter", quantization=quantization)
     assert any("bnb" in type(m).__module__ for m in model.modules())

@@ -15,9 +15,9 @@ import torch
 from lmsys_utils import device as dev
 from lmsys_utils.config import Config
 from lmsys_utils.data import LABEL_COLUMNS, split_train_valid
-from lmsys_utils.demo import make_demo_data
+from lmsys_utils.synthetic import make_demo_data
 from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
-from lmsys_utils.train import fit
+from lmsys_utils.train import fit, setup
 
 
 def demo_split(n, seed):
@@ -27,52 +27,53 @@ def demo_split(n, seed):
 
 
 def lora_model(model_dir, tokenizer, kind, dtype, dropout):
-    model = load_classifier(model_dir, tokenizer, dtype=dtype, device_kind=kind)
+    model = load_classifier(model_dir, tokenizer, dtype=dtype, kind=kind)
     torch.manual_seed(0)
     return add_lora(model, r=4, alpha=8, dropout=dropout)
 
 
 def fit_run(model_dir, out_dir, kind: str) -> dict:
     """6 fp32 steps without dropout: the same numbers on 4 SPMD devices, one XLA device or eager CPU."""
-    dev.get_device(kind)  # SPMD on before the first XLA tensor
+    runtime = dev.resolve(kind, "fp32")  # SPMD on before the first XLA tensor
     tokenizer = load_tokenizer(model_dir)
     model = lora_model(model_dir, tokenizer, kind, "fp32", 0.0)
     config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, grad_accum=1, lr=5e-3,
                     warmup_steps=2, max_steps=6, log_every=3, eval_every=None, save_every=None, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, seed=0, dtype="fp32")
     train_df, valid_df = demo_split(96, seed=1)
-    history = fit(model, tokenizer, train_df, valid_df, config, device_kind=kind, progress_file=io.StringIO())
+    history = fit(setup(model, tokenizer, train_df, valid_df, config, runtime), config, io.StringIO())
     if kind == "xla":
         import torch_xla
 
         lora = next(p for n, p in model.named_parameters() if "lora_A" in n)
         history["lora_sharding"] = torch_xla._XLAC._get_xla_sharding_spec(lora)
-        history["devices"] = dev.num_data_shards(kind)
+        history["devices"] = runtime.shards
     return history
 
 
 def guard_run(model_dir, out_dir) -> dict:
     """36 bf16 steps with evals every 10; from step 33 on the training batches get a new shape."""
+    runtime = dev.resolve("xla")
     tokenizer = load_tokenizer(model_dir)
     model = lora_model(model_dir, tokenizer, "xla", None, 0.05)  # bf16, eager attention
     config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=4, grad_accum=1, lr=3e-3,
                     warmup_steps=2, max_steps=36, log_every=4, eval_every=10, save_every=None, lora_r=4,
                     lora_alpha=8, seed=0)
     calls = {"n": 0}
-    real_to_device = dev.to_device
+    real_to_device = dev.Runtime.to_device
 
-    def shrink_late_batches(batch, kind):
+    def shrink_late_batches(self, batch, device=None):
         calls["n"] += "labels" in batch
         if calls["n"] > 32 and "labels" in batch:
             batch = {k: (v[:, :48] if k != "labels" else v) for k, v in batch.items()}
-        return real_to_device(batch, kind)
+        return real_to_device(self, batch, device)
 
-    dev.to_device = shrink_late_batches
+    dev.Runtime.to_device = shrink_late_batches
     train_df, valid_df = demo_split(160, seed=2)
     out = io.StringIO()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        history = fit(model, tokenizer, train_df, valid_df, config, device_kind="xla", progress_file=out)
+        history = fit(setup(model, tokenizer, train_df, valid_df, config, runtime), config, out)
     history["progress"] = out.getvalue()
     history["warnings"] = [str(w.message) for w in caught]
     return history
@@ -82,18 +83,19 @@ def checkpointing_grads(model_dir) -> dict:
     """LoRA gradients of one batch with and without XLA gradient checkpointing."""
     from lmsys_utils.batching import pad_batch
 
-    device = dev.get_device("xla")
+    runtime = dev.resolve("xla")
+    device = runtime.device
     tokenizer = load_tokenizer(model_dir)
     batch = {k: v.to(device) for k, v in pad_batch([[1, 5, 9, 33, 40], [1, 7, 8]], 0, 8).items()}
     result = {}
     for checkpointing in (False, True):
-        model = load_classifier(model_dir, tokenizer, dtype="fp32", device_kind="xla",
+        model = load_classifier(model_dir, tokenizer, dtype="fp32", kind="xla",
                                 gradient_checkpointing=checkpointing)
         layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
         torch.manual_seed(0)
         model = add_lora(model, r=4, alpha=8, dropout=0.0).to(device).train()
         model(**batch).logits.sum().backward()
-        dev.sync("xla")  # one graph for forward + backward, then plain reads
+        runtime.sync()  # one graph for forward + backward, then plain reads
         result[str(checkpointing)] = {
             "functions": [m._gradient_checkpointing_func.func.__module__ for m in layers],
             "grads": {n: p.grad.cpu().flatten().tolist() for n, p in model.named_parameters() if p.requires_grad},
