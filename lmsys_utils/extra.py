@@ -249,18 +249,18 @@ def _from_conversations(record, report):
         for message in messages:
             if not isinstance(message, dict) or "role" not in message:
                 raise ValueError(f"column conversation_{side}: a message without a role ({str(message)[:60]!r})")
+            role = message["role"]
+            if role not in ("user", "assistant"):
+                report.other_role_messages += 1
+                continue
+            if role == "user" and side == "b":
+                continue  # the user turns are taken from side A (both sides answer the same ones)
             text, dropped = _message_text(message.get("content"), f"conversation_{side}")
             report.non_text_parts += dropped
             non_text |= dropped > 0
-            if message["role"] == "user":
-                user.append(text)
-            elif message["role"] == "assistant":
-                assistant.append(text)
-            else:
-                report.other_role_messages += 1
+            (user if role == "user" else assistant).append(text)
         turns[side] = (user, assistant)
     report.non_text_rows += non_text
-    # both sides answer the same user turns; the competition stores them once
     return turns["a"][0], turns["a"][1], turns["b"][1], _winner_labels(record["winner"])
 
 
