@@ -190,7 +190,8 @@ def blend_files(labels_path, pred_paths, out, folds: int = 5, seed: int = 0) -> 
         print(f"  log loss {cv['blend']:.4f}  blend (T = 1), {folds}-fold cross-validated")
     print(f"  log loss {cv['calibrated']:.4f}  {'calibrated blend' if len(preds) > 1 else 'temperature-scaled'}, "
           f"{folds}-fold cross-validated")
-    print("  weights " + ", ".join(f"{w:.3f}" for w in fitted["weights"]) + f"; temperature {fitted['temperature']:.3f}")
+    weights = ", ".join(f"{w:.3f}" for w in fitted["weights"])
+    print(f"  weights {weights}; temperature {fitted['temperature']:.3f}")
     result = {**fitted, "inputs": names, "rows": len(ids), "folds": folds, "seed": seed,
               "cv_log_loss": {"inputs": dict(zip(names, cv["inputs"])), "blend": cv["blend"],
                               "calibrated": cv["calibrated"]}}
@@ -200,8 +201,12 @@ def blend_files(labels_path, pred_paths, out, folds: int = 5, seed: int = 0) -> 
     return result
 
 
-def apply_blend_files(blend_path, pred_paths, out) -> pd.DataFrame:
-    """Blend test prediction files with a saved blend.json and write a checked submission."""
+def apply_blend_files(blend_path, pred_paths, out, data=None) -> pd.DataFrame:
+    """Blend test prediction files with a saved blend.json and write a checked submission.
+
+    Args:
+        data: the test CSV; when given, the submission must hold exactly its ids, in its order.
+    """
     blend_path = Path(blend_path)
     if not blend_path.is_file():
         raise ArenaDataError(f"{blend_path}: no such blend file; write one with `blend --labels ... --out`.")
@@ -211,9 +216,14 @@ def apply_blend_files(blend_path, pred_paths, out) -> pd.DataFrame:
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):
         raise ArenaDataError(f"{blend_path}: not a blend file (needs weights and temperature).") from None
     if len(weights) != len(pred_paths):
-        raise ArenaDataError(f"{blend_path} was fitted on {len(weights)} file(s) ({', '.join(blend.get('inputs', []))}) "
-                             f"but {len(pred_paths)} --preds were given; pass one test file per model, same order.")
-    _refuse_overwrite(out, [blend_path, *pred_paths])
+        fitted_on = ", ".join(blend.get("inputs", []))
+        raise ArenaDataError(f"{blend_path} was fitted on {len(weights)} file(s) ({fitted_on}) but {len(pred_paths)} "
+                             "--preds were given; pass one test file per model, in the same order.")
+    _refuse_overwrite(out, [blend_path, *pred_paths, *([data] if data else [])])
     ids, preds = align_preds(pred_paths)
     probs = apply_blend({"weights": weights, "temperature": temperature}, preds)
-    return write_submission(ids, probs, out, expected_ids=ids)
+    expected = ids
+    if data is not None:
+        raw = pd.read_csv(data, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        expected = parse_ids(raw["id"], Path(data))
+    return write_submission(ids, probs, out, expected_ids=expected)

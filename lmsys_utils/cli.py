@@ -157,7 +157,7 @@ def cmd_blend(args) -> int:
     from .blend import apply_blend_files, blend_files
 
     if args.apply:
-        sub = apply_blend_files(args.apply, args.preds, args.out)
+        sub = apply_blend_files(args.apply, args.preds, args.out, data=args.data)
         print(f"wrote {args.out}: {len(sub)} rows")
     else:
         blend_files(args.labels, args.preds, args.out, folds=args.folds, seed=args.seed)
@@ -287,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="blend.json (fit) or submission.csv (apply)")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fit (default: 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default: 0)")
+    p.add_argument("--data", help="with --apply: the test CSV whose ids the submission must hold exactly")
     p.set_defaults(func=cmd_blend)
     return parser
 

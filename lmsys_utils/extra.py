@@ -36,7 +36,7 @@ WINNER_LABELS = {
 }
 ID_PREFIX = "extra-"
 _FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
-# replaced by the turn lists (full_conversation repeats earlier votes' context: not part of this battle)
+# replaced by the turn lists; full_conversation (the 140k set) repeats earlier votes' context, not this battle's
 _CONVERSATION_COLUMNS = ("conversation_a", "conversation_b", "full_conversation")
 _SOURCE_ID_COLUMNS = ("id", "question_id")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -97,6 +97,8 @@ def load_extra(source, exclude=(), token: str | None = None) -> tuple[pd.DataFra
     """
     report = ExtraReport(source=str(source))
     ds = _read_source(source, token)
+    if "full_conversation" in ds.column_names:
+        ds = ds.remove_columns("full_conversation")  # the largest column, never used: skip decoding it
     report.rows_read = len(ds)
     columns = ds.column_names
     if "conversation_a" in columns and "conversation_b" in columns:

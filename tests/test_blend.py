@@ -110,7 +110,7 @@ def test_align_orders_rows_by_the_first_file(tmp_path):
     np.testing.assert_allclose(pb, [[0.7, 0.2, 0.1], [0.2, 0.2, 0.6]])
 
 
-def test_blend_cli_fit_then_apply(real_predictors, arena_train_path, tmp_path, capsys):
+def test_blend_cli_fit_then_apply(real_predictors, arena_train_path, arena_test_path, tmp_path, capsys):
     ids, labels, prior, length = real_predictors
     a = _write(tmp_path / "prior_oof.csv", ids, prior)
     b = _write(tmp_path / "length_oof.csv", ids[::-1], length[::-1])  # row order must not matter
@@ -118,7 +118,8 @@ def test_blend_cli_fit_then_apply(real_predictors, arena_train_path, tmp_path, c
                  "--out", str(tmp_path / "blend.json")]) == 0
     out = capsys.readouterr().out
     fitted = json.loads((tmp_path / "blend.json").read_text())
-    assert f"log loss {log_loss(labels, prior):.4f}  {a}" in out and f"log loss {log_loss(labels, length):.4f}  {b}" in out
+    assert f"log loss {log_loss(labels, prior):.4f}  {a}" in out
+    assert f"log loss {log_loss(labels, length):.4f}  {b}" in out
     assert f"log loss {fitted['cv_log_loss']['blend']:.4f}  blend (T = 1), 5-fold" in out
     assert f"log loss {fitted['cv_log_loss']['calibrated']:.4f}  calibrated blend" in out
     assert fitted["rows"] == 999 and fitted["inputs"] == [str(a), str(b)]
@@ -128,12 +129,16 @@ def test_blend_cli_fit_then_apply(real_predictors, arena_train_path, tmp_path, c
     test_a = _write(tmp_path / "prior_test.csv", test_ids, np.tile(prior[0], (3, 1)))
     test_b = _write(tmp_path / "length_test.csv", test_ids[::-1], _sharpen(rng.random((3, 3)), 1))
     assert main(["blend", "--apply", str(tmp_path / "blend.json"), "--preds", str(test_a), str(test_b),
-                 "--out", str(tmp_path / "submission.csv")]) == 0
+                 "--out", str(tmp_path / "submission.csv"), "--data", str(arena_test_path)]) == 0
     sub = pd.read_csv(tmp_path / "submission.csv")
     assert sub["id"].tolist() == test_ids and np.allclose(sub[list(LABEL_COLUMNS)].sum(axis=1), 1)
     _, aligned = align_preds([test_a, test_b])
     np.testing.assert_allclose(sub[list(LABEL_COLUMNS)].to_numpy(), apply_blend(fitted, aligned), atol=1e-12)
 
+    short = _write(tmp_path / "short_test.csv", test_ids[:2], np.full((2, 3), 1 / 3))
+    assert main(["blend", "--apply", str(tmp_path / "blend.json"), "--preds", str(short), str(short),
+                 "--out", str(tmp_path / "short.csv"), "--data", str(arena_test_path)]) == 1
+    assert "1 missing (1233961)" in capsys.readouterr().err and not (tmp_path / "short.csv").exists()
     assert main(["blend", "--apply", str(tmp_path / "blend.json"), "--preds", str(test_a),
                  "--out", str(tmp_path / "one.csv")]) == 1
     assert "fitted on 2 file(s)" in capsys.readouterr().err and not (tmp_path / "one.csv").exists()

@@ -115,8 +115,8 @@ def test_competition_schema_csv_and_its_excluded_copy(tmp_path, arena_train_path
 def test_dedup_within_the_source_and_against_excludes(tmp_path):
     rows = [_battle(1, "model_a"), _battle(2, "tie")]
     swapped = _battle(3, "model_b")  # battle 1 with A and B exchanged, in other case and spacing
-    swapped["conversation_a"], swapped["conversation_b"] = (_conversation(["QUESTION   number 1?"], ["Answer B to 1, longer."]),
-                                                            _conversation(["Question number 1?"], ["answer a to 1."]))
+    swapped["conversation_a"] = _conversation(["QUESTION   number 1?"], ["Answer B to 1, longer."])
+    swapped["conversation_b"] = _conversation(["Question number 1?"], ["answer a to 1."])
     rows += [swapped, _battle(4, "model_b"), _battle(5, "model_a")]
     pd.DataFrame(rows).to_parquet(tmp_path / "arena.parquet")
     competition = pd.DataFrame([
@@ -125,7 +125,8 @@ def test_dedup_within_the_source_and_against_excludes(tmp_path):
          "winner_model_a": 1, "winner_model_b": 0, "winner_tie": 0}])
     to_competition_csv(competition, tmp_path / "train.csv")
     test = competition.drop(columns=["winner_model_a", "winner_model_b", "winner_tie"]).assign(
-        id=18, prompt=[["Question number 5?"]], response_a=[["Answer A to 5."]], response_b=[["Answer B to 5, longer."]])
+        id=18, prompt=[["Question number 5?"]], response_a=[["Answer A to 5."]],
+        response_b=[["Answer B to 5, longer."]])
     to_competition_csv(test, tmp_path / "test.csv")
 
     df, report = load_extra(tmp_path / "arena.parquet", exclude=[tmp_path / "train.csv", tmp_path / "test.csv"])
@@ -166,7 +167,8 @@ def test_other_roles_are_left_out_and_counted(tmp_path):
 def test_unknown_winner_names_row_id_and_column(tmp_path):
     rows = [_battle(1, "model_a"), _battle(2, "model_c")]
     pd.DataFrame(rows).to_parquet(tmp_path / "arena.parquet")
-    with pytest.raises(ArenaDataError, match=r"(?s)row 2, id v2, column winner: unknown value 'model_c'.*one of model_a"):
+    message = r"(?s)row 2, id v2, column winner: unknown value 'model_c'.*one of model_a"
+    with pytest.raises(ArenaDataError, match=message):
         load_extra(tmp_path / "arena.parquet")
 
 
@@ -187,7 +189,8 @@ def test_unusable_sources(tmp_path):
 def test_ids_are_stable_and_never_competition_ids(tmp_path):
     rows = [_battle(i, "tie") for i in range(3)]
     pd.DataFrame(rows).to_parquet(tmp_path / "a.parquet")
-    swapped = pd.DataFrame(rows).rename(columns={"conversation_a": "conversation_b", "conversation_b": "conversation_a"})
+    swapped = pd.DataFrame(rows).rename(columns={"conversation_a": "conversation_b",
+                                                 "conversation_b": "conversation_a"})
     swapped.to_json(tmp_path / "b.jsonl", orient="records", lines=True)
     first, _ = load_extra(tmp_path / "a.parquet")
     again, _ = load_extra(tmp_path / "a.parquet")
@@ -260,8 +263,9 @@ def test_cli_extra_data(tmp_path, arena_train_path, arena_test_path):
     assert check.returncode == 0 and "5 rows read, 5 kept, 0 dropped" in check.stdout
 
     bad = _cli("extra-data", tmp_path / "nothing.parquet", "--out", tmp_path / "x.csv", env=env)
-    assert bad.returncode == 1 and bad.stderr.strip() == f"error: {tmp_path / 'nothing.parquet'}: no such file. " \
-        "Give a local .parquet, .jsonl or .csv file, or a hub dataset id such as lmarena-ai/arena-human-preference-140k."
+    assert bad.returncode == 1 and bad.stderr.strip() == (
+        f"error: {tmp_path / 'nothing.parquet'}: no such file. Give a local .parquet, .jsonl or .csv file, "
+        "or a hub dataset id such as lmarena-ai/arena-human-preference-140k.")
 
 
 @pytest.mark.slow
