@@ -122,6 +122,51 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def cmd_extra_data(args) -> int:
+    import datasets
+
+    from .extra import write_extra
+
+    datasets.disable_progress_bars()
+    report = write_extra(args.source, args.out, exclude=args.exclude)
+    print(report)
+    print(f"wrote {args.out}: {report.rows_kept} rows")
+    return 0
+
+
+def cmd_folds(args) -> int:
+    from pathlib import Path
+
+    import pandas as pd
+
+    from .data import CLASS_NAMES, load_arena, make_folds
+
+    if Path(args.out).exists() and Path(args.out).samefile(args.path):
+        raise ValueError(f"{args.out}: --out is the input file; choose another path")
+    df, summary = load_arena(args.path)
+    folds = make_folds(df, k=args.folds, seed=args.seed)
+    for fold, rows in df.groupby(folds.to_numpy()):
+        shares = rows["label"].value_counts(normalize=True) if "label" in rows else pd.Series(dtype=float)
+        balance = ", ".join(f"{name} {shares.get(k, 0):.1%}" for k, name in enumerate(CLASS_NAMES))
+        print(f"fold {fold}: {len(rows)} rows ({balance})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"id": df["id"], "fold": folds}).to_csv(args.out, index=False)
+    print(f"wrote {args.out}: id,fold for {len(df)} rows of {summary.rows_read}")
+    return 0
+
+
+def cmd_blend(args) -> int:
+    from .blend import apply_blend_files, blend_files
+
+    if args.apply:
+        sub = apply_blend_files(args.apply, args.preds, args.out, data=args.data)
+        print(f"wrote {args.out}: {len(sub)} rows")
+    else:
+        blend_files(args.labels, args.preds, args.out, folds=args.folds, seed=args.seed)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lmsys_utils", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a package to bundle (repeatable; default: bitsandbytes and peft)")
     p.add_argument("--no-packages", action="store_true", help="bundle only this project's wheel")
     p.set_defaults(func=cmd_bundle)
+    p = sub.add_parser("extra-data", help="convert a public Arena preference set into extra training rows",
+                       description="Read a hub dataset (lmarena-ai/arena-human-preference-55k, -100k, -140k, "
+                                   "lmsys/chatbot_arena_conversations) or a local parquet/jsonl/csv file with "
+                                   "datasets, map conversations and winners to the competition's columns, drop "
+                                   "non-text parts, rows without text and duplicates (within the source and of "
+                                   "every --exclude file, A/B-swapped copies included), print the counts and write "
+                                   "a CSV that check-data accepts. Ids are extra-<content hash>.")
+    p.add_argument("source", help="hub dataset id or local .parquet/.jsonl/.csv file")
+    p.add_argument("--out", required=True, help="output CSV (competition format)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="FILE",
+                   help="competition-format CSVs whose battles are dropped, e.g. train.csv test.csv")
+    p.set_defaults(func=cmd_extra_data)
+
+    p = sub.add_parser("folds", help="write a K-fold split (grouped by prompt, stratified by label) as id,fold",
+                       description="Deterministic folds: the same prompt is never in two folds and each fold's "
+                                   "label shares follow the whole file's. Prints rows and label shares per fold.")
+    p.add_argument("path", help="competition-format train CSV")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default: 5)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the split (default: 42)")
+    p.add_argument("--out", default="folds.csv", help="output CSV of id,fold (default: folds.csv)")
+    p.set_defaults(func=cmd_folds)
+
+    p = sub.add_parser("blend", help="fit or apply a blend (weights on log-probabilities + temperature)",
+                       description="Fit: --labels LABELED.csv --preds A.csv B.csv --out blend.json fits non-negative "
+                                   "weights on the models' log-probabilities and one temperature by log loss and "
+                                   "prints each input's, the blend's and the calibrated blend's cross-validated log "
+                                   "loss (one file: temperature scaling alone). Apply: --apply blend.json --preds "
+                                   "A_test.csv B_test.csv --out submission.csv writes a checked submission.")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--labels", help="labeled CSV (train.csv, or id + winner_* columns) to fit on")
+    mode.add_argument("--apply", metavar="BLEND_JSON", help="a blend.json written by a fit")
+    p.add_argument("--preds", nargs="+", required=True, help="submission-format prediction files, one per model")
+    p.add_argument("--out", required=True, help="blend.json (fit) or submission.csv (apply)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds of the fit (default: 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default: 0)")
+    p.add_argument("--data", help="with --apply: the test CSV whose ids the submission must hold exactly")
+    p.set_defaults(func=cmd_blend)
     return parser
 
 

@@ -283,3 +283,93 @@ def to_competition_csv(df: pd.DataFrame, path) -> None:
     for col in TEXT_COLUMNS:
         out[col] = out[col].map(lambda turns: json.dumps(turns, ensure_ascii=False))
     out.to_csv(path, index=False)
+
+
+def make_folds(df: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
+    """Fold number (0..k-1) of each row: deterministic, grouped by prompt, stratified by label.
+
+    Built from `split_train_valid`: fold 0 takes 1/k of the rows, fold 1 takes 1/(k-1) of the rest, and so
+    on, so folds inherit its grouping (a prompt's rows share one fold) and its stratification.
+    """
+    if k < 2:
+        raise ValueError(f"folds must be at least 2, got {k}")
+    n_prompts = df["prompt"].map(lambda turns: "\x1e".join(turns)).nunique()
+    if n_prompts < k:
+        raise ValueError(f"{k} folds need at least {k} distinct prompts; the data has {n_prompts}")
+    rest = df.assign(_row=np.arange(len(df)))
+    folds = np.full(len(df), k - 1)
+    for fold in range(k - 1):
+        rest, taken = split_train_valid(rest, valid_frac=1 / (k - fold), seed=seed + fold)
+        folds[taken["_row"].to_numpy()] = fold
+    counts = np.bincount(folds, minlength=k)
+    if (counts == 0).any():
+        raise ValueError(f"fold(s) {np.flatnonzero(counts == 0).tolist()} came out empty: too few prompts "
+                         f"({n_prompts}) for {k} folds; use fewer folds")
+    return pd.Series(folds, index=df.index, name="fold")
+
+
+def load_teacher(path, ids, fallback: bool = False) -> np.ndarray:
+    """A teacher's probabilities (CSV of id and the three label columns) aligned to `ids`, shape (N, 3).
+
+    Ids are matched as text, so a file of integer competition ids and `extra-` ids both match. Rows are
+    renormalized to sum to 1. Ids the teacher lacks raise ArenaDataError with the count and a few ids, or
+    with `fallback` become NaN rows (the count is printed) for the caller to replace by hard labels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArenaDataError(f"{path}: no such teacher file; give a CSV of id,{','.join(LABEL_COLUMNS)}.")
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in raw.columns]
+    if missing:
+        raise ArenaDataError(f"{path}: missing column(s) {', '.join(missing)}; a teacher file holds "
+                             f"id,{','.join(LABEL_COLUMNS)} (a submission or oof.csv file).")
+    dup = raw["id"][raw["id"].duplicated()]
+    if len(dup):
+        raise ArenaDataError(f"{path}: {dup.nunique()} duplicate id(s) (e.g. {', '.join(dup.head(5))}); "
+                             "keep one row per id.")
+    probs = raw[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    sums = probs.sum(axis=1)
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (np.abs(sums - 1) > 0.01)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ArenaDataError(
+            f"{path}: {bad.sum()} row(s) are not probabilities (non-negative, summing to 1), first at row "
+            f"{row + 1}, id {raw['id'][row]}: {raw.loc[row, list(LABEL_COLUMNS)].tolist()}. Write softmax "
+            "outputs, not logits."
+        )
+    table = pd.DataFrame(probs / sums[:, None], index=raw["id"].str.strip())
+    wanted = pd.Index([str(i) for i in ids])
+    absent = wanted[~wanted.isin(table.index)]
+    if len(absent) and not fallback:
+        raise ArenaDataError(
+            f"{path}: no teacher row for {len(absent)} of {len(wanted)} training id(s) (e.g. "
+            f"{', '.join(absent[:5])}); predict them with the teacher too, or allow the fallback to hard labels."
+        )
+    if len(absent):
+        print(f"{path}: no teacher row for {len(absent)} of {len(wanted)} id(s); those rows train on hard labels")
+    return table.reindex(wanted).to_numpy(dtype=np.float64)
+
+
+def distill_targets(hard, teacher, alpha: float, temperature: float = 1.0) -> np.ndarray:
+    """Training targets: `alpha` * teacher + (1 - alpha) * hard labels, shape (N, 3).
+
+    Args:
+        hard: class ids (N,) or target probabilities (N, 3).
+        teacher: teacher probabilities (N, 3); NaN rows (no teacher) take the hard labels alone.
+        alpha: teacher weight in [0, 1].
+        temperature: > 1 softens the teacher (p ** (1 / T), renormalized), < 1 sharpens it.
+    """
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"distill alpha must be in [0, 1], got {alpha}")
+    if not temperature > 0:
+        raise ValueError(f"distill temperature must be positive, got {temperature}")
+    hard = np.asarray(hard)
+    hard = np.eye(len(LABEL_COLUMNS))[hard.astype(int)] if hard.ndim == 1 else hard.astype(np.float64)
+    teacher = np.asarray(teacher, dtype=np.float64)
+    if teacher.shape != hard.shape:
+        raise ValueError(f"teacher has shape {teacher.shape} but the labels {hard.shape}")
+    soft = teacher ** (1 / temperature)
+    soft = soft / soft.sum(axis=1, keepdims=True)
+    no_teacher = np.isnan(soft).any(axis=1)
+    soft[no_teacher] = hard[no_teacher]
+    return alpha * soft + (1 - alpha) * hard

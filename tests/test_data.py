@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from lmsys_utils.data import (
     LABEL_COLUMNS, ArenaDataError, load_arena, split_train_valid, swap_ab, to_competition_csv,
 )
+from lmsys_utils.data import distill_targets, load_teacher, make_folds
 from lmsys_utils.synthetic import make_demo_data
 
 HEADER = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie"
@@ -230,3 +231,111 @@ def test_competition_csv_round_trip(tmp_path):
     back, summary = load_arena(tmp_path / "demo.csv")
     assert back["response_a"].tolist() == [[t or "" for t in turns] for turns in df["response_a"]]
     assert summary.rows_kept == 50
+
+
+# --- folds ---
+
+def _prompt_folds(df, folds):
+    return df["prompt"].map(json.dumps).groupby(folds.to_numpy()).agg(set)
+
+
+def test_folds_on_the_real_sample(arena_train_path):
+    df, _ = load_arena(arena_train_path)
+    folds = make_folds(df, k=5, seed=42)
+    assert sorted(folds.unique()) == [0, 1, 2, 3, 4]
+    sizes = folds.value_counts()
+    assert sizes.min() >= 190 and sizes.max() <= 210
+    per_fold = _prompt_folds(df, folds)
+    assert sum(len(per_fold[i] & per_fold[j]) for i in range(5) for j in range(i + 1, 5)) == 0
+    overall = df["label"].value_counts(normalize=True)
+    for _, rows in df.groupby(folds.to_numpy()):
+        assert (abs(rows["label"].value_counts(normalize=True) - overall) < 0.03).all()
+    assert make_folds(df, k=5, seed=42).equals(folds)
+    assert not make_folds(df, k=5, seed=7).equals(folds)
+
+
+def test_folds_keep_repeated_prompts_together():
+    df = make_demo_data(600, seed=1)
+    assert df["prompt"].map(json.dumps).duplicated().sum() > 300  # the demo repeats its prompts a lot
+    folds = make_folds(df, k=4, seed=0)
+    per_fold = _prompt_folds(df, folds)
+    assert sum(len(per_fold[i] & per_fold[j]) for i in range(4) for j in range(i + 1, 4)) == 0
+    assert folds.value_counts().min() > 0.15 * len(df)
+
+
+def test_folds_refuse_too_few_prompts():
+    df = make_demo_data(30, seed=0).assign(prompt=[["same"]] * 15 + [["other"]] * 15)
+    with pytest.raises(ValueError, match="3 folds need at least 3 distinct prompts; the data has 2"):
+        make_folds(df, k=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_folds(df, k=1)
+
+
+def test_folds_cli_writes_id_and_fold(arena_train_path, tmp_path, capsys):
+    from lmsys_utils.cli import main
+
+    assert main(["folds", str(arena_train_path), "--folds", "5", "--out", str(tmp_path / "folds.csv")]) == 0
+    written = pd.read_csv(tmp_path / "folds.csv")
+    df, _ = load_arena(arena_train_path)
+    assert written.columns.tolist() == ["id", "fold"] and written["id"].tolist() == df["id"].tolist()
+    assert written["fold"].tolist() == make_folds(df, k=5, seed=42).tolist()
+    out = capsys.readouterr().out
+    assert [line[:7] for line in out.splitlines()[:5]] == [f"fold {i}:" for i in range(5)]
+    assert "model_a 35." in out and "id,fold for 999 rows" in out
+    assert main(["folds", str(tmp_path / "folds.csv"), "--out", str(tmp_path / "folds.csv")]) == 1
+    assert pd.read_csv(tmp_path / "folds.csv").equals(written)
+
+
+# --- teacher targets ---
+
+def _teacher_csv(tmp_path, rows, name="teacher.csv"):
+    path = tmp_path / name
+    pd.DataFrame(rows, columns=["id", *LABEL_COLUMNS]).to_csv(path, index=False)
+    return path
+
+
+def test_load_teacher_aligns_to_ids(tmp_path):
+    path = _teacher_csv(tmp_path, [(3, 0.2, 0.3, 0.5), (1, 0.7, 0.2, 0.1), ("extra-00ff", 0.1, 0.8, 0.1),
+                                   (9, 0.3, 0.3, 0.4)])
+    probs = load_teacher(path, [1, "extra-00ff", 3])
+    np.testing.assert_allclose(probs, [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.3, 0.5]])
+
+
+def test_load_teacher_missing_ids(tmp_path, capsys):
+    path = _teacher_csv(tmp_path, [(1, 0.7, 0.2, 0.1)])
+    with pytest.raises(ArenaDataError, match=r"no teacher row for 3 of 4 training id\(s\) \(e.g. 2, 5, 6\)"):
+        load_teacher(path, [1, 2, 5, 6])
+    probs = load_teacher(path, [1, 2, 5, 6], fallback=True)
+    assert np.isnan(probs[1:]).all() and not np.isnan(probs[0]).any()
+    assert "no teacher row for 3 of 4 id(s); those rows train on hard labels" in capsys.readouterr().out
+
+
+def test_load_teacher_bad_files(tmp_path):
+    (tmp_path / "logits.csv").write_text("id,a,b\n1,2,3\n")
+    with pytest.raises(ArenaDataError, match="logits.csv: missing column.s. winner_model_a, winner_model_b"):
+        load_teacher(tmp_path / "logits.csv", [1])
+    with pytest.raises(ArenaDataError, match="duplicate id"):
+        load_teacher(_teacher_csv(tmp_path, [(1, 0.5, 0.5, 0.0), (1, 0.2, 0.3, 0.5)]), [1])
+    with pytest.raises(ArenaDataError, match="row 2, id 7: .*logits"):
+        load_teacher(_teacher_csv(tmp_path, [(1, 0.5, 0.5, 0.0), (7, 2.1, -0.3, 0.5)]), [1, 7])
+    with pytest.raises(ArenaDataError, match="no such teacher file"):
+        load_teacher(tmp_path / "absent.csv", [1])
+
+
+def test_distill_targets_mix():
+    hard = np.array([0, 2])
+    teacher = np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    np.testing.assert_allclose(distill_targets(hard, teacher, alpha=0.0), np.eye(3)[hard])
+    np.testing.assert_allclose(distill_targets(hard, teacher, alpha=1.0), teacher)
+    np.testing.assert_allclose(distill_targets(hard, teacher, alpha=0.25)[0], [0.9, 0.075, 0.025])
+    soft = np.sqrt(teacher[0]) / np.sqrt(teacher[0]).sum()
+    np.testing.assert_allclose(distill_targets(hard, teacher, alpha=1.0, temperature=2.0)[0], soft)
+    assert distill_targets(hard, teacher, 1.0, temperature=2.0)[0].max() < 0.6  # softened
+    assert distill_targets(hard, teacher, 1.0, temperature=0.5)[0].max() > 0.6  # sharpened
+    mixed = distill_targets(hard, np.array([[np.nan] * 3, [0.2, 0.2, 0.6]]), alpha=0.5)
+    np.testing.assert_allclose(mixed, [[1, 0, 0], [0.1, 0.1, 0.8]])
+    np.testing.assert_allclose(mixed.sum(axis=1), 1)
+    with pytest.raises(ValueError, match="alpha"):
+        distill_targets(hard, teacher, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        distill_targets(hard, teacher, alpha=0.5, temperature=0)
