@@ -72,14 +72,55 @@ def cmd_train(args) -> int:
 
 def cmd_preflight(args) -> int:
     from .auth import preflight
+    from .config import Config
     from .device import detect, memory_target
-    from .memory import format_plan, plan_memory
+    from .memory import PEAK_TFLOPS, format_plan, format_time_plan, plan_memory, time_plan_from_config
 
     print(preflight(args.model))
-    plan = plan_memory(args.model, args.target or memory_target(detect()), quantization=args.quantization,
-                       training=args.train, batch_size=args.batch_size, max_length=args.max_length)
+    kind = None if args.target else detect()
+    target = args.target or memory_target(kind)
+    plan = plan_memory(args.model, target, quantization=args.quantization, training=args.train,
+                       batch_size=args.batch_size, max_length=args.max_length)
     print(format_plan(plan))
+    peak = args.peak_tflops
+    if peak is None and kind == "cuda" and target not in PEAK_TFLOPS:
+        import torch
+
+        peak = torch.cuda.get_device_name(0)
+    if peak is None and target not in PEAK_TFLOPS:
+        print(f"no time plan: the peak FLOP/s of {target} is unknown; pass --peak-tflops (a number or a GPU name)")
+        return 0
+    lengths = None
+    if args.data:
+        lengths = _sample_lengths(args.data, args.model, args.max_length)
+    # the run's other settings are Config's defaults (split, grad_accum, evaluation, LoRA)
+    config = Config(model=args.model, max_length=args.max_length, batch_size=args.batch_size,
+                    quantization=args.quantization, epochs=args.epochs, tta=args.tta,
+                    predict_batch_tokens=args.batch_size * args.max_length)
+    rows = args.rows or (TRAIN_ROWS if args.train else TEST_ROWS)
+    print(format_time_plan(time_plan_from_config(config, target, args.train, rows, lengths, args.mean_tokens,
+                                                 args.padding, placement=plan.placement, peak_tflops=peak)))
     return 0
+
+
+TRAIN_ROWS = 57_477
+"""Rows of the competition's train.csv."""
+TEST_ROWS = 25_000
+"""About the rows of the hidden test.csv a submission predicts."""
+
+
+def _sample_lengths(path, model, max_length: int, n: int = 2000):
+    """Encoded length of up to n rows of a CSV (seeded sample), with the model's tokenizer, as training encodes."""
+    from .data import load_arena
+    from .model import load_tokenizer
+    from .text import encode_rows
+
+    df, summary = load_arena(path, drop_invalid=True)
+    sample = df.sample(min(n, len(df)), random_state=0)
+    lengths = [len(ids) for ids in encode_rows(load_tokenizer(model), sample, max_length)]
+    print(f"token lengths of {len(sample):,} of the {len(df):,} readable rows of {path} "
+          f"(mean {sum(lengths) / len(lengths):.0f} at max_length {max_length})")
+    return lengths
 
 
 def cmd_eda(args) -> int:
@@ -220,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For a hub id: find the token (HF_TOKEN, HUGGING_FACE_HUB_TOKEN, the Kaggle "
                                    "secret HF_TOKEN, the stored login) and check access without downloading. "
                                    "For a local folder: check config.json, tokenizer and weights. Exits 1 with "
-                                   "what to do when the model cannot be used.")
+                                   "what to do when the model cannot be used. Then print the memory plan and a "
+                                   "wall-time estimate against Kaggle's 9-hour limit.")
     p.add_argument("--model", required=True, help="hub id or local folder, e.g. meta-llama/Meta-Llama-3-8B-Instruct")
     p.add_argument("--target", help="device for the memory plan: tpu-v3-8, tpu-v5e-8, t4, 2xt4, gpu:NN, cpu "
                                     "(default: this machine)")
@@ -228,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=QUANTIZATIONS[1:], help="plan for bitsandbytes weights")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch in the plan (default 8)")
     p.add_argument("--max-length", type=int, default=1024, help="tokens per row in the plan (default 1024)")
+    p.add_argument("--rows", type=int, help=f"rows of the time plan (default: {TRAIN_ROWS:,} train.csv rows with "
+                                            f"--train, else {TEST_ROWS:,} test rows)")
+    p.add_argument("--epochs", type=float, default=1.0, help="epochs of the time plan (default 1)")
+    p.add_argument("--tta", action="store_true", help="time plan: predict with A/B-swap TTA (2x time)")
+    p.add_argument("--padding", choices=["fixed", "sorted", "longest"],
+                   help="time plan: how rows are padded (default: fixed when training on TPU, longest when "
+                        "training on GPU, sorted when predicting)")
+    p.add_argument("--data", help="time plan: a competition-format CSV to measure token lengths on (2,000 rows)")
+    p.add_argument("--mean-tokens", type=float, help="time plan: mean real tokens per row (instead of --data)")
+    p.add_argument("--peak-tflops", help="time plan: peak TFLOP/s per device, or a GPU name (a100, l4, ...), "
+                                         "for gpu:NN and cpu targets")
     p.set_defaults(func=cmd_preflight)
 
     p = sub.add_parser("eda", help="write the exploratory figures of a training CSV as PNGs",
