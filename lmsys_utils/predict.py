@@ -4,8 +4,6 @@ submission file that is checked before it is written."""
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -13,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab
+from .files import atomic_write, check_output_file
 from .metrics import log_loss, normalize_probs
 
 # Values winning solutions used for degenerate rows (see notes/ANCHORS.md); columns A, B, tie.
@@ -168,8 +167,10 @@ def write_submission(ids, probs, path, expected_ids=None) -> pd.DataFrame:
 
     Refuses (SubmissionError, before anything is written) non-finite or negative values, all-zero rows, a row
     count that differs from the ids, duplicate ids, and - given `expected_ids` (the test file's ids) - missing
-    or extra ids. Rows are written in the order of `expected_ids` when given. The file is written to a temporary
-    name and renamed, so a failure never leaves a half-written submission.
+    or extra ids, and a `path` that is a folder or an existing file other than a submission (files.check_output_file).
+    Rows are written in the order of `expected_ids` when given, ids exactly as given (strings stay strings). The
+    file is written to a temporary name and renamed (files.atomic_write, mode 0644 under the usual umask), so a
+    failure never leaves a half-written submission.
     """
     ids = pd.Series(list(ids))
     probs = np.asarray(probs, dtype=np.float64)
@@ -201,16 +202,9 @@ def write_submission(ids, probs, path, expected_ids=None) -> pd.DataFrame:
         ids, probs = expected, probs[order]
     sub = pd.DataFrame(normalize_probs(probs), columns=list(LABEL_COLUMNS))
     sub.insert(0, "id", ids.to_numpy())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            sub.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    check_output_file(path, kind="submission")
+    with atomic_write(path, newline="") as f:
+        sub.to_csv(f, index=False)
     return sub
 
 
@@ -239,7 +233,7 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
     from .device import memory_target as this_machine
     from .memory import check_fits, format_plan, plan_memory
 
-    df, _ = load_arena(data_path, drop_invalid=True)
+    df, _ = load_arena(data_path, drop_invalid=True, labels=False)
     device_kind = device_kind or detect()
     plan = plan_memory(model, memory_target or this_machine(device_kind), quantization=quantization,
                        batch_size=max(1, max_tokens // max_length), max_length=max_length, token=token)
@@ -284,5 +278,7 @@ def load_models(name_or_path, adapter=None, token=None, dtype=None, device_kind:
 
 
 def _file_ids(path) -> pd.Series:
-    raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    # read as load_arena reads (compression inferred, bad bytes replaced) so both see the same ids
+    raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                      encoding_errors="replace")
     return parse_ids(raw["id"], Path(path))
