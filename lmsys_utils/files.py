@@ -85,6 +85,8 @@ def check_writable(folder) -> Path:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
+        if existing == folder:
+            raise OutputError(f"{folder} is a file, but a folder is needed there; choose another output folder")
         raise OutputError(f"{existing} is a file, so the folder {folder} cannot be created there")
     try:
         with tempfile.TemporaryFile(dir=existing):
