@@ -13,7 +13,9 @@ import tempfile
 from pathlib import Path
 
 from lmsys_utils.config import Config
-from lmsys_utils.memory import (GB, eval_share, evaluated_rows, format_time_plan, measure_run, plan_memory,
+from measure import measure_run
+
+from lmsys_utils.memory import (GB, eval_share, evaluated_rows, format_time_plan, plan_memory,
                                 plan_time, time_plan_from_config)
 from lmsys_utils.synthetic import build_tiny_model
 

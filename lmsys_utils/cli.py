@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from .config import DEVICES, QUANTIZATIONS
@@ -11,7 +12,8 @@ from .config import DEVICES, QUANTIZATIONS
 def cmd_check_data(args) -> int:
     from .data import load_arena
 
-    _, summary = load_arena(args.path, drop_invalid=args.drop_invalid)
+    labels = {"train": True, "predict": False}.get(args.use)
+    _, summary = load_arena(args.path, drop_invalid=args.drop_invalid, labels=labels)
     print(summary)
     return 0
 
@@ -47,24 +49,14 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    import dataclasses
-    import json
-
     from .config import Config
+
+    # settings are checked before torch and the model load: a typo costs a second, not a session
+    config = Config.from_overrides(args.config, args.set)
     from .train import train
 
     _quiet_libraries()
-    config = Config.load(args.config) if args.config else Config()
-    changes = {}
-    for item in args.set:
-        name, sep, value = item.partition("=")
-        if not sep or name not in {f.name for f in dataclasses.fields(Config)}:
-            raise ValueError(f"{item!r}: use FIELD=VALUE with a Config field, e.g. max_steps=100")
-        try:
-            changes[name] = json.loads(value)
-        except json.JSONDecodeError:
-            changes[name] = value  # a bare string such as a path
-    history = train(dataclasses.replace(config, **changes))
+    history = train(config)
     last = history["eval"][-1] if history["eval"] else None
     print(f"trained {history['total_steps']} steps" + (f"; valid log loss {last['log_loss']:.4f}" if last else ""))
     return 0
@@ -127,8 +119,10 @@ def cmd_eda(args) -> int:
     from pathlib import Path
 
     from .data import load_arena
+    from .files import check_writable
     from .plots import save_eda_figures, token_lengths
 
+    check_writable(args.out)  # before the data and the tokenizer load
     if args.data:
         df, summary = load_arena(args.data)
         print(summary)
@@ -218,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Exits 1 on invalid input, naming file, row, id and column.")
     p.add_argument("path", help="the CSV to check, e.g. /kaggle/input/lmsys-chatbot-arena/train.csv")
     p.add_argument("--drop-invalid", action="store_true", help="drop invalid rows and report their ids")
+    p.add_argument("--for", dest="use", choices=["train", "predict"],
+                   help="check as training reads it (labels required) or as predict reads it (labels ignored); "
+                        "default: labels checked when present")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("demo", help="the main job on the project's own synthetic data (no download)",
@@ -349,13 +346,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        return _run(build_parser().parse_args(argv))
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
     from .auth import AccessError
     from .memory import DoesNotFitError
 
     try:
         return args.func(args)
     # errors a user can cause (bad file, no access, a setup that cannot fit) carry their own fix: no traceback
-    except (ValueError, FileNotFoundError, AccessError, DoesNotFitError) as e:
+    except (ValueError, AccessError, DoesNotFitError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"error: {describe_os_error(e, getattr(args, 'out', None))}", file=sys.stderr)
+        return 1
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is used up: free space or write elsewhere",
+    errno.EACCES: "no permission: choose a location you may write, or fix the permissions",
+    errno.EPERM: "not permitted: choose a location you may write, or fix the permissions",
+    errno.EROFS: "a read-only file system: write to a writable folder (on Kaggle: under /kaggle/working)",
+    errno.EISDIR: "a folder where a file is needed: give a file path",
+    errno.ENOTDIR: "a file where a folder is needed in the path",
+    errno.EIO: "the storage failed (I/O error): retry, or use other storage",
+    errno.ENOENT: "check the path",
+}
+
+
+def describe_os_error(e: OSError, fallback_path=None) -> str:
+    """One line for an OSError: the path, what the system said, and what to do."""
+    what = e.strerror or str(e) or type(e).__name__
+    line = what + (f" ({_OS_HINTS[e.errno]})" if e.errno in _OS_HINTS else "")
+    if e.filename is not None:
+        return f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "") + f": {line}"
+    if fallback_path is not None:  # a failed write (ENOSPC) often names no file: name the output it was for
+        return f"while writing {fallback_path}: {line}"
+    return line

@@ -6,7 +6,11 @@ Defaults are a real Kaggle TPU run of Llama-3-8B; tests shrink them with `datacl
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
+import types
+import typing
 from pathlib import Path
 
 QUANTIZATIONS = (None, "8bit", "4bit")
@@ -68,6 +72,10 @@ class EncodingSettings:
 
 
 DEFAULT_ENCODING = EncodingSettings()
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used as given; the message names the field and what it accepts."""
 
 
 @dataclasses.dataclass
@@ -145,6 +153,8 @@ class Config:
     """Train even when the memory plan says the setup does not fit."""
     resume: bool = False
     """Continue from the last checkpoint in output_dir."""
+    overwrite: bool = False
+    """Replace an existing run in output_dir (its adapter and checkpoints); without it such a dir is refused."""
     seed: int = 42
     """Seed for the split, shuffling and LoRA init."""
 
@@ -155,27 +165,53 @@ class Config:
     """Average the prediction with the A/B-swapped one (doubles inference time)."""
 
     def __post_init__(self):
-        checks = {
-            "max_length": self.max_length >= 16,
-            "prompt_share": 0 < self.prompt_share < 1,
-            "valid_frac": 0 <= self.valid_frac < 1,
-            "batch_size": self.batch_size >= 1,
-            "grad_accum": self.grad_accum >= 1,
-            "lr": self.lr > 0,
-            "epochs": self.epochs > 0,
-            "log_every": self.log_every >= 1,
-            "lora_r": self.lora_r >= 1,
-            "dtype": self.dtype in DTYPES,
-            "quantization": self.quantization in QUANTIZATIONS,
-            "schedule": self.schedule in ("cosine", "linear", "constant"),
-            "device": self.device in DEVICES,
-        }
-        bad = [name for name, ok in checks.items() if not ok]
+        hints = typing.get_type_hints(type(self))
+        bad = []
+        for f in dataclasses.fields(self):
+            try:
+                setattr(self, f.name, convert_value(f.name, getattr(self, f.name), hints[f.name]))
+            except ConfigError as e:
+                bad.append(str(e))
+        if not bad:
+            bad = [f"{name}={getattr(self, name)!r} ({rule})" for name, rule in self._range_errors()]
         if bad:
-            values = ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
-            raise ValueError(f"invalid Config field(s): {values}; see the field docs in lmsys_utils/config.py")
-        if self.lora_targets is not None:
-            self.lora_targets = tuple(self.lora_targets)
+            raise ConfigError(f"invalid Config field(s): {'; '.join(bad)}; see the field docs in "
+                              "lmsys_utils/config.py")
+
+    def _range_errors(self) -> list[tuple[str, str]]:
+        """(field, allowed range) for every setting outside its range."""
+        def at_least(low, optional=False):
+            return lambda v: (optional and v is None) or (v is not None and v >= low)
+
+        rules = {
+            "valid_frac": (lambda v: 0 <= v < 1, "must be >= 0 and < 1"),
+            "max_train_rows": (at_least(1, optional=True), "must be >= 1, or None for all rows"),
+            "max_length": (at_least(16), "must be >= 16"),
+            "prompt_share": (lambda v: 0 < v < 1, "must be > 0 and < 1"),
+            "keep_tail": (lambda v: 0 <= v < self.max_length, f"must be >= 0 and < max_length ({self.max_length})"),
+            "dtype": (lambda v: v in DTYPES, "must be auto, bf16, fp16 or fp32"),
+            "quantization": (lambda v: v in QUANTIZATIONS, "must be None, 8bit or 4bit"),
+            "lora_r": (at_least(1), "must be >= 1"),
+            "lora_alpha": (lambda v: v > 0, "must be > 0"),
+            "lora_dropout": (lambda v: 0 <= v < 1, "must be >= 0 and < 1"),
+            "device": (lambda v: v in DEVICES, "must be auto, xla, cuda or cpu"),
+            "epochs": (lambda v: v > 0, "must be > 0"),
+            "max_steps": (at_least(1, optional=True), "must be >= 1, or None to train `epochs` epochs"),
+            "batch_size": (at_least(1), "must be >= 1"),
+            "grad_accum": (at_least(1), "must be >= 1"),
+            "lr": (lambda v: v > 0, "must be > 0"),
+            "weight_decay": (at_least(0), "must be >= 0"),
+            "warmup_steps": (at_least(0), "must be >= 0"),
+            "schedule": (lambda v: v in ("cosine", "linear", "constant"), "must be cosine, linear or constant"),
+            "grad_clip": (lambda v: v is None or v > 0, "must be > 0, or None for no clipping"),
+            "log_every": (at_least(1), "must be >= 1"),
+            "eval_every": (at_least(1, optional=True), "must be >= 1, or None to evaluate only at the end"),
+            "save_every": (at_least(1, optional=True), "must be >= 1, or None to save only at the end"),
+            "seed": (at_least(0), "must be >= 0"),
+            "predict_batch_tokens": (lambda v: v >= self.max_length,
+                                     f"must be >= max_length ({self.max_length}): one row must fit a batch"),
+        }
+        return [(name, rule) for name, (ok, rule) in rules.items() if not ok(getattr(self, name))]
 
     @property
     def encoding(self) -> EncodingSettings:
@@ -188,4 +224,113 @@ class Config:
 
     @classmethod
     def load(cls, path) -> "Config":
-        return cls(**json.loads(Path(path).read_text()))
+        """Read a JSON object of settings (as `save` writes); values are converted by the field types."""
+        return cls.from_overrides(path, [])
+
+    @classmethod
+    def from_overrides(cls, path=None, overrides=()) -> "Config":
+        """The defaults, updated by a JSON config file (optional), then by FIELD=VALUE strings (the CLI's).
+
+        Every value is converted by the field's type: bools from true/false/1/0/yes/no, None (or null) for
+        optional fields, tuples from a JSON list or a comma list. Unknown fields, values that do not convert
+        and a JSON that is not an object are refused with the field named.
+        """
+        values = {}
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}: not valid JSON ({e}); write it with Config.save") from None
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: a Config JSON must be an object {{\"field\": value, ...}}, "
+                                  f"got a {type(loaded).__name__}")
+            values.update(_known(loaded, source=str(path)))
+        for item in overrides:
+            name, sep, value = item.partition("=")
+            name = name.strip()
+            if not sep or not name:
+                raise ConfigError(f"{item!r}: use FIELD=VALUE with a Config field, e.g. max_steps=100")
+            values.update(_known({name: value}, source="the command line"))
+        return cls(**values)
+
+
+def _known(values: dict, source: str) -> dict:
+    """`values` if every key is a Config field; else one error suggesting the nearest field name."""
+    names = [f.name for f in dataclasses.fields(Config)]
+    for key in values:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"did you mean {close[0]}?" if close else "see the fields in lmsys_utils/config.py"
+            raise ConfigError(f"unknown Config field {key!r} in {source}; {hint}")
+    return values
+
+
+_TRUE, _FALSE, _NONE = ("true", "1", "yes"), ("false", "0", "no"), ("none", "null")
+
+
+def _to_bool(v):
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.lower() in _TRUE + _FALSE:
+        return v.lower() in _TRUE
+    raise ValueError(v)
+
+
+def _to_int(v):
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(v)
+    return int(v)  # "2.5" raises: a whole number is needed, not a rounded one
+
+
+def _to_float(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)) or not math.isfinite(float(v)):
+        raise ValueError(v)
+    return float(v)
+
+
+def _to_tuple(v):
+    if isinstance(v, str):
+        v = json.loads(v) if v.startswith("[") else [part.strip() for part in v.split(",") if part.strip()]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(item, str) for item in v):
+        raise ValueError(v)
+    return tuple(v)
+
+
+def _to_str(v):
+    if not isinstance(v, str):
+        raise ValueError(v)
+    return v
+
+
+_CONVERTERS = {
+    bool: (_to_bool, "true or false (also 1/0, yes/no)"),
+    int: (_to_int, "a whole number"),
+    float: (_to_float, "a finite number"),
+    tuple: (_to_tuple, 'a list of names, e.g. q_proj,v_proj or ["q_proj", "v_proj"]'),
+    str: (_to_str, "a text"),
+}
+
+
+def convert_value(name: str, value, annotation):
+    """`value` (a Python/JSON value, or a string from the command line) as the field's type, or ConfigError.
+
+    Args:
+        annotation: the field's resolved type: bool, int, float, str, tuple, or one of them | None.
+    """
+    args = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else ()
+    optional = type(None) in args
+    kind = next((a for a in args if a is not type(None)), annotation)
+    convert, expected = _CONVERTERS[kind]
+    if optional and isinstance(value, str) and value.strip().lower() in _NONE:
+        value = None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name}=None: expected {expected}")
+    try:
+        return convert(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{name}={value!r}: expected {expected}" + (" or None" if optional else "")) from None

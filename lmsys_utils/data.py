@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import io
 import json
+import lzma
 import re
+import zipfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +37,7 @@ class DataSummary:
     rows_kept: int = 0
     dropped: dict = dataclasses.field(default_factory=dict)  # reason -> list of ids
     labeled: bool = False
+    labels_ignored: bool = False
     soft_label_rows: int = 0
     label_counts: dict = dataclasses.field(default_factory=dict)
     multi_turn_rows: int = 0
@@ -57,6 +60,8 @@ class DataSummary:
             total = max(sum(self.label_counts.values()), 1)
             balance = ", ".join(f"{k} {v} ({v / total:.1%})" for k, v in self.label_counts.items())
             lines.append(f"  labels: {balance}; soft-label rows: {self.soft_label_rows}")
+        elif self.labels_ignored:
+            lines.append("  labels: present but ignored (not needed to predict)")
         else:
             lines.append("  labels: none (a test file)")
         lines += [
@@ -70,8 +75,8 @@ class DataSummary:
         return "\n".join(lines)
 
 
-def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSummary]:
-    """Read a competition-format CSV (train.csv, test.csv or one with extra columns).
+def load_arena(path, drop_invalid: bool = False, labels: bool | None = None) -> tuple[pd.DataFrame, DataSummary]:
+    """Read a competition-format CSV (train.csv, test.csv or one with extra columns; also .gz/.zip/.bz2/.xz).
 
     Returns the rows with `prompt`, `response_a`, `response_b` parsed into lists of strings and, for
     labeled files, float label columns plus an integer `label` (0 A, 1 B, 2 tie; argmax for soft
@@ -79,11 +84,16 @@ def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSumm
 
     Args:
         drop_invalid: drop rows with bad cells or labels (reported in the summary by id) instead of
-            raising. Missing columns, duplicate ids and unreadable files always raise.
+            raising. Missing columns, empty or duplicate ids and unreadable files always raise.
+        labels: None: check the label columns when the file has them; True: the file must have them
+            (training); False: drop them unchecked (predicting: a test file that carries labels loses no row).
     """
     path = Path(path)
     summary = DataSummary(path=str(path))
     df = _read_csv(path, summary)
+    if labels is False and any(c in df.columns for c in LABEL_COLUMNS):
+        df = df.drop(columns=[c for c in LABEL_COLUMNS if c in df.columns])
+        summary.labels_ignored = True
     missing = [c for c in ("id", *TEXT_COLUMNS) if c not in df.columns]
     label_cols = [c for c in LABEL_COLUMNS if c in df.columns]
     if label_cols and len(label_cols) < len(LABEL_COLUMNS):
@@ -92,6 +102,12 @@ def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSumm
         raise ArenaDataError(
             f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns)}. "
             "The file needs id, prompt, response_a, response_b (and all three winner_* columns for training)."
+            + _separator_hint(df.columns)
+        )
+    if labels and not label_cols:
+        raise ArenaDataError(
+            f"{path}: no label columns ({', '.join(LABEL_COLUMNS)}); this looks like a test file. Training "
+            "needs a labeled file such as the competition's train.csv."
         )
     summary.labeled = bool(label_cols)
     summary.rows_read = len(df)
@@ -138,30 +154,61 @@ def load_arena(path, drop_invalid: bool = False) -> tuple[pd.DataFrame, DataSumm
 def _read_csv(path: Path, summary: DataSummary) -> pd.DataFrame:
     if not path.is_file():
         raise ArenaDataError(f"{path}: no such file. Point --data at the competition's train.csv or test.csv.")
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise ArenaDataError(f"{path}: the file is empty; expected a CSV with a header row and data rows.")
 
     def _count_replace(err):
         summary.invalid_utf8_bytes += err.end - err.start
         return "\ufffd", err.end
 
     codecs.register_error("lmsys_count_replace", _count_replace)
-    text = raw.decode("utf-8-sig", errors="lmsys_count_replace")
     try:
-        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+        # pandas infers the compression (.gz, .zip, .bz2, .xz) from the name
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                         encoding_errors="lmsys_count_replace")
+    except pd.errors.EmptyDataError:
+        raise ArenaDataError(f"{path}: the file is empty; expected a CSV with a header row and data rows.") from None
     except pd.errors.ParserError as e:
-        raise ArenaDataError(f"{path}: not a readable CSV ({e}). Check quoting of the text columns.") from None
+        hint = _separator_hint(_header(path)) or " Check quoting of the text columns."
+        raise ArenaDataError(f"{path}: not a readable CSV ({str(e).strip()}).{hint}") from None
+    except (EOFError, lzma.LZMAError, zipfile.BadZipFile, zlib.error, OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # a real I/O fault (permissions, disk): the CLI names it
+        raise ArenaDataError(f"{path}: cannot read the compressed file ({e}); is it complete and of the "
+                             "type its name says (.gz, .zip with one CSV, .bz2, .xz)?") from None
     if df.empty:
         raise ArenaDataError(f"{path}: the file has a header but no data rows.")
     return df
 
 
+def _header(path: Path) -> list[str]:
+    try:
+        return list(pd.read_csv(path, nrows=0, encoding="utf-8-sig", encoding_errors="replace").columns)
+    except (ValueError, OSError, EOFError):
+        return []
+
+
+def _separator_hint(columns) -> str:
+    """A hint when the header was split on commas but is held together by another separator."""
+    header = ",".join(map(str, columns))
+    for sep, name in ((";", "semicolon"), ("\t", "tab")):
+        if header.count(sep) >= 3:  # the competition's header has 9 columns, a test file's 4
+            return (f" The header looks {name}-separated ({header[:60]!r}); the project reads comma-separated "
+                    f"files like the competition's: convert it with pandas.read_csv(path, sep={sep!r})"
+                    ".to_csv('fixed.csv', index=False).")
+    return ""
+
+
 def parse_ids(ids: pd.Series, path: Path) -> pd.Series:
-    """Integer ids when every id is a whole number (as in the competition files); duplicates are an error."""
-    numeric = pd.to_numeric(ids, errors="coerce")
-    if numeric.notna().all() and (numeric == numeric.round()).all():
-        ids = numeric.astype("int64")
+    """The ids exactly as read: int64 when every id is a plain whole number (as in the competition files),
+    else the strings themselves (`001`, `1.0`, an id beyond int64 stay as written, so a submission repeats the
+    test file's ids). Empty and duplicate ids are an error."""
+    ids = ids.astype(str).reset_index(drop=True)
+    empty = ids[ids.str.strip() == ""]
+    if len(empty):
+        rows = ", ".join(str(r + 1) for r in empty.index[:6])
+        raise ArenaDataError(f"{path}: {len(empty)} empty id(s) in column id (row(s) {rows}, counting from 1 "
+                             "after the header); every row needs a unique id. Fill them in or remove the rows.")
+    if ids.map(_is_plain_int64).all():
+        ids = ids.astype("int64")
     dup = ids[ids.duplicated(keep=False)]
     if len(dup):
         rows = ", ".join(f"row {r + 1} id {v}" for r, v in dup.head(6).items())
@@ -170,6 +217,14 @@ def parse_ids(ids: pd.Series, path: Path) -> pd.Series:
             "Remove the repeated rows or renumber them."
         )
     return ids
+
+
+def _is_plain_int64(text: str) -> bool:
+    """Whether `text` is a whole number that int64 holds and that prints back as the same text."""
+    if not re.fullmatch(r"-?\d+", text):
+        return False
+    value = int(text)
+    return str(value) == text and -(2**63) <= value < 2**63
 
 
 def _parse_turns(cell: str, summary: DataSummary) -> tuple[list[str], str | None]:
@@ -258,6 +313,12 @@ def split_train_valid(df: pd.DataFrame, valid_frac: float = 0.1, seed: int = 0):
     if not 0 < valid_frac < 1:
         raise ValueError(f"valid_frac must be between 0 and 1, got {valid_frac}")
     key = df["prompt"].map(lambda turns: "\x1e".join(turns))
+    if key.nunique() < 2:
+        raise ArenaDataError(
+            f"all {len(df)} rows share one prompt; the split keeps each prompt on one side, so it cannot hold "
+            "rows out for validation. Use a file with more than one distinct prompt, or valid_frac=0 to train "
+            "without validation."
+        )
     groups = pd.DataFrame({"key": key, "label": df["label"] if "label" in df else 0})
     # each prompt group is stratified by its most common label
     group_label = groups.groupby("key")["label"].agg(lambda s: s.value_counts().index[0])
@@ -274,6 +335,11 @@ def split_train_valid(df: pd.DataFrame, valid_frac: float = 0.1, seed: int = 0):
             valid_keys.add(k)
             taken += group_size[k]
     is_valid = key.isin(valid_keys).to_numpy()
+    if is_valid.all():
+        raise ArenaDataError(
+            f"valid_frac={valid_frac} put every one of the {key.nunique()} distinct prompts ({len(df)} rows) into "
+            "validation, leaving nothing to train on; lower valid_frac or add rows with other prompts."
+        )
     return df[~is_valid].reset_index(drop=True), df[is_valid].reset_index(drop=True)
 
 

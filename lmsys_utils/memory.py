@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .batching import rows_per_batch
+from .device import DEFAULT_DTYPES, check_quantization
+
 GB = 1e9
 HBM_GB = 16 * 2**30 / GB
 HEADROOM = 0.9
@@ -205,13 +208,10 @@ def plan_memory(config_or_path, target: str = "t4", dtype: str = "auto", quantiz
     """
     devices, capacity, backend = parse_target(target)
     if dtype == "auto":
-        dtype = {"xla": "bf16", "cuda": "fp16", "cpu": "fp32"}[backend]
+        dtype = DEFAULT_DTYPES[backend]
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, fp32, bf16, fp16")
-    if quantization not in (None, "8bit", "4bit"):
-        raise ValueError(f"quantization {quantization!r} is not one of None, '8bit', '4bit'")
-    if quantization and backend == "xla":
-        raise ValueError("bitsandbytes 8-bit/4-bit loading does not run on TPU; use quantization=None there")
+    check_quantization(quantization, backend)
     if placement not in (None, "single", "fsdp", "replicate", "split") or (
             placement in ("replicate", "split") and (devices < 2 or backend != "cuda")):
         raise ValueError(f"placement {placement!r} does not suit target {target!r}: use None (the plan picks), "
@@ -377,15 +377,8 @@ def _describe(s: dict, change: dict, plan: MemoryPlan) -> str:
 
 def plan_from_config(config, target: str, training: bool, quantization: str | None = None,
                      token: str | None = None) -> MemoryPlan:
-    """The plan for a run's `Config` (train: its batch; predict: rows of max_length in predict_batch_tokens).
-
-    `target` "auto" is the machine this runs on (`device.memory_target` of `config.device`).
-    """
-    if target == "auto":
-        from .device import detect, memory_target
-
-        target = memory_target(detect() if config.device == "auto" else config.device)
-    batch = config.batch_size if training else max(1, config.predict_batch_tokens // config.max_length)
+    """The plan for a run's `Config` (train: its batch; predict: rows of max_length in predict_batch_tokens)."""
+    batch = config.batch_size if training else rows_per_batch(config.predict_batch_tokens, config.max_length)
     return plan_memory(config.model, target, dtype=config.dtype, quantization=quantization or config.quantization,
                        training=training, batch_size=batch, max_length=config.max_length, lora_r=config.lora_r,
                        lora_targets=config.lora_targets, lora_dropout=config.lora_dropout,
@@ -772,16 +765,7 @@ def time_plan_from_config(config, target: str, training: bool, rows: int, length
                           quantization: str | None = None, placement=None, peak_tflops=None,
                           token: str | None = None) -> TimePlan:
     """The time plan of a run's `Config`: `rows` of train.csv (split by valid_frac, evaluated as `fit` does)
-    or of test.csv (batches of predict_batch_tokens, TTA as configured). `target` "auto": this machine."""
-    if target == "auto":
-        from .device import detect, memory_target
-
-        kind = detect() if config.device == "auto" else config.device
-        target = memory_target(kind)
-        if kind == "cuda" and peak_tflops is None:
-            import torch
-
-            peak_tflops = torch.cuda.get_device_name(0)
+    or of test.csv (batches of predict_batch_tokens, TTA as configured)."""
     if training:
         valid = round(rows * config.valid_frac)
         train_rows = (rows - valid) * (2 if config.swap_augment else 1)
@@ -795,86 +779,6 @@ def time_plan_from_config(config, target: str, training: bool, rows: int, length
                          lora_targets=config.lora_targets, gradient_checkpointing=config.gradient_checkpointing,
                          placement=placement, peak_tflops=peak_tflops, token=token)
     return plan_time(config.model, target, False, rows, lengths, mean_tokens, config.max_length, padding, buckets,
-                     batch_size=max(1, config.predict_batch_tokens // config.max_length), tta=config.tta,
+                     batch_size=rows_per_batch(config.predict_batch_tokens, config.max_length), tta=config.tta,
                      quantization=quantization or config.quantization, lora_r=config.lora_r,
                      lora_targets=config.lora_targets, placement=placement, peak_tflops=peak_tflops, token=token)
-
-
-def measure_run(model_dir, training: bool, quantization=None, batch_size=4, max_length=256, attention="sdpa",
-                device_kind="cpu") -> int:
-    """Measured peak bytes of one setup: the model's own bytes plus the peak that two LoRA + AdamW training
-    steps (or one prediction batch) add on top, per `measure_peak`. Loads through `model.load_classifier`."""
-    import torch
-
-    from .model import add_lora, load_classifier, load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    model = load_classifier(model_dir, tokenizer, dtype="fp32", device_kind=device_kind, quantization=quantization)
-    model.config._attn_implementation = attention
-    model = add_lora(model).train() if training else model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, len(tokenizer), (batch_size, max_length), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    targets = torch.softmax(torch.randn(batch_size, 3, generator=gen), -1).to(device)
-    with torch.no_grad():  # touch every weight before the baseline is read
-        model(input_ids=ids[:1, :8], attention_mask=mask[:1, :8])
-
-    def work():
-        if not training:
-            with torch.no_grad():
-                return model(input_ids=ids, attention_mask=mask).logits
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        for _ in range(2):  # the second step has AdamW's states, gradients and activations all alive
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            loss = -(targets * torch.log_softmax(logits.float(), -1)).sum(-1).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return loss
-
-    _, added = measure_peak(work, device_kind)
-    own = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    return own + added
-
-
-def measure_peak(fn, device_kind: str = "cpu"):
-    """Run fn() and return (its result, the peak bytes it added to what was in use before).
-
-    CUDA: torch's allocator peak. CPU (Linux): the process's peak resident memory (VmHWM, reset through
-    /proc/self/clear_refs) minus the resident memory before; glibc's mmap threshold is pinned so that big
-    tensors are mapped fresh and returned on free instead of reusing memory already resident.
-    """
-    import gc
-
-    import torch
-
-    gc.collect()
-    if device_kind == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        result = fn()
-        torch.cuda.synchronize()
-        return result, torch.cuda.max_memory_allocated() - before
-    _pin_malloc()
-    before = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
-    result = fn()
-    return result, (_status_kb("VmHWM") - before) * 1024
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status: peak memory can only be measured on Linux")
-
-
-@functools.lru_cache(maxsize=1)
-def _pin_malloc() -> None:
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, so glibc stops raising it after each free
-    libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD: give freed heap tops back to the system

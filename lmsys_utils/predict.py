@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import tempfile
 import threading
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from .config import DEFAULT_ENCODING, EncodingSettings
 from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab, targets
 from .device import Runtime, resolve
 from .device import memory_target as this_machine
+from .files import atomic_write, check_output_file
 from .memory import check_fits, format_plan, plan_memory
 from .metrics import log_loss, normalize_probs
 from .model import load_for_inference
@@ -141,8 +140,10 @@ def write_submission(ids, probs, path, expected_ids=None) -> pd.DataFrame:
 
     Refuses (SubmissionError, before anything is written) non-finite or negative values, all-zero rows, a row
     count that differs from the ids, duplicate ids, and - given `expected_ids` (the test file's ids) - missing
-    or extra ids. Rows are written in the order of `expected_ids` when given. The file is written to a temporary
-    name and renamed, so a failure never leaves a half-written submission.
+    or extra ids, and a `path` that is a folder or an existing file other than a submission (files.check_output_file).
+    Rows are written in the order of `expected_ids` when given, ids exactly as given (strings stay strings). The
+    file is written to a temporary name and renamed (files.atomic_write, mode 0644 under the usual umask), so a
+    failure never leaves a half-written submission.
     """
     ids = pd.Series(list(ids))
     probs = np.asarray(probs, dtype=np.float64)
@@ -174,16 +175,9 @@ def write_submission(ids, probs, path, expected_ids=None) -> pd.DataFrame:
         ids, probs = expected, probs[order]
     sub = pd.DataFrame(normalize_probs(probs), columns=list(LABEL_COLUMNS))
     sub.insert(0, "id", ids.to_numpy())
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            sub.to_csv(f, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    check_output_file(path, kind="submission")
+    with atomic_write(path, newline="") as f:
+        sub.to_csv(f, index=False)
     return sub
 
 
@@ -223,7 +217,7 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
             `device.memory_target`); a setup that cannot fit is refused unless `force`.
         loaded: (models, tokenizer, encoding) from `load_models`, to predict with models already in memory.
     """
-    df, _ = load_arena(data_path, drop_invalid=True)
+    df, _ = load_arena(data_path, drop_invalid=True, labels=False)
     runtime = resolve(device, dtype)
     saved = EncodingSettings.load(adapter) if adapter is not None else None
     if loaded is None:
@@ -272,5 +266,7 @@ def load_models(name_or_path, adapter=None, token=None, runtime: Runtime | None 
 
 
 def _file_ids(path) -> pd.Series:
-    raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    # read as load_arena reads (compression inferred, bad bytes replaced) so both see the same ids
+    raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                      encoding_errors="replace")
     return parse_ids(raw["id"], Path(path))

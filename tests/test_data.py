@@ -339,3 +339,77 @@ def test_distill_targets_mix():
         distill_targets(hard, teacher, alpha=1.5)
     with pytest.raises(ValueError, match="temperature"):
         distill_targets(hard, teacher, alpha=0.5, temperature=0)
+
+
+# --- ids are kept exactly as the file writes them ---
+
+def test_ids_beyond_int64_and_with_leading_zeros_are_kept_as_written(tmp_path):
+    big = str(2**63)  # one above int64: used to wrap to a negative number
+    df, _ = load_arena(_csv(tmp_path, [_row(big), _row("001"), _row("1.0", labels="0,0,1")]))
+    assert df["id"].tolist() == [big, "001", "1.0"]
+    plain, _ = load_arena(_csv(tmp_path, [_row(str(2**63 - 1)), _row("-4")], name="plain.csv"))
+    assert plain["id"].tolist() == [2**63 - 1, -4] and plain["id"].dtype == np.int64
+
+
+def test_empty_id_is_refused_naming_file_row_and_column(tmp_path):
+    path = _csv(tmp_path, [_row(1), _row(""), _row(3)])
+    with pytest.raises(ArenaDataError, match=r"1 empty id\(s\) in column id \(row\(s\) 2,") as e:
+        load_arena(path)
+    assert str(path) in str(e.value)
+
+
+# --- labels: needed to train, irrelevant to predict ---
+
+def test_labels_are_ignored_when_predicting(tmp_path):
+    path = _csv(tmp_path, [_row(1), _row(2, labels="0,x,1"), _row(3)])
+    df, summary = load_arena(path, labels=False)
+    assert df["id"].tolist() == [1, 2, 3]  # the bad label cell costs no row
+    assert not set(LABEL_COLUMNS) & set(df.columns) and "label" not in df.columns
+    assert not summary.labeled and "present but ignored" in str(summary)
+    with pytest.raises(ArenaDataError, match="id 2, column winner_model_b"):
+        load_arena(path)
+
+
+def test_training_on_a_file_without_labels_is_refused(arena_test_path):
+    with pytest.raises(ArenaDataError, match=r"test.csv: no label columns .*looks like a test file"):
+        load_arena(arena_test_path, labels=True)
+    df, _ = load_arena(arena_test_path, labels=False)
+    assert df["id"].tolist() == [136060, 211333, 1233961]
+
+
+# --- input formats ---
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".zip", ".csv.bz2", ".csv.xz"])
+def test_compressed_files_are_read(tmp_path, arena_test_path, suffix):
+    raw = pd.read_csv(arena_test_path, dtype=str, keep_default_na=False)
+    packed = tmp_path / f"test{suffix}"
+    raw.to_csv(packed, index=False)  # pandas compresses by the suffix, as it decompresses when reading
+    df, summary = load_arena(packed)
+    plain, _ = load_arena(arena_test_path)
+    assert summary.rows_kept == 3 and df["id"].tolist() == plain["id"].tolist()
+    assert df["response_a"].tolist() == plain["response_a"].tolist()
+
+
+def test_a_corrupt_compressed_file_is_named(tmp_path):
+    path = tmp_path / "train.csv.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00 this is not gzip data")
+    with pytest.raises(ArenaDataError, match=r"train.csv.gz: cannot read the compressed file"):
+        load_arena(path)
+
+
+@pytest.mark.parametrize("sep, name", [(";", "semicolon"), ("\t", "tab")])
+def test_other_separators_get_a_separator_hint(tmp_path, sep, name):
+    df = make_demo_data(20, seed=3)
+    for col in ("prompt", "response_a", "response_b"):
+        df[col] = df[col].map(json.dumps)
+    path = tmp_path / "train.csv"
+    df.to_csv(path, sep=sep, index=False)
+    with pytest.raises(ArenaDataError, match=rf"looks {name}-separated") as e:
+        load_arena(path)
+    assert "quoting" not in str(e.value) and f"sep={sep!r}" in str(e.value)
+
+
+def test_all_rows_sharing_one_prompt_is_said_plainly(tmp_path):
+    df, _ = load_arena(_csv(tmp_path, [_row(i, labels=("1,0,0", "0,1,0", "0,0,1")[i % 3]) for i in range(30)]))
+    with pytest.raises(ArenaDataError, match="all 30 rows share one prompt.*valid_frac=0"):
+        split_train_valid(df, valid_frac=0.1)

@@ -1,6 +1,5 @@
 """Loading the classifier, LoRA, and adapters that save and load exactly (tiny models, built in-process)."""
 
-import json
 import logging
 import os
 import subprocess

@@ -402,3 +402,53 @@ def test_the_encoding_saved_with_the_adapter_is_what_predict_uses(tiny_model_dir
     assert np.abs(longer - no_flags).max() > 1e-3
     default_share = predict_proba(model, tokenizer, load_arena(data)[0], EncodingSettings(160), resolve("cpu"))
     assert np.abs(default_share - no_flags).max() > 1e-3  # prompt_share travels too, not only max_length
+
+
+# --- the submission file: exact ids, normal permissions, nothing destroyed ---
+
+def test_write_submission_writes_ids_exactly_as_read(tmp_path):
+    ids = ["001", str(2**63), "7"]  # as parse_ids keeps them: no int64 wrap, no lost zero
+    path = tmp_path / "submission.csv"
+    write_submission(list(reversed(ids)), _probs(3), path, expected_ids=ids)
+    lines = path.read_text().splitlines()
+    assert lines[0] == "id,winner_model_a,winner_model_b,winner_tie"
+    assert [line.split(",")[0] for line in lines[1:]] == ids
+
+
+def test_write_submission_has_normal_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_submission([1, 2], _probs(2), tmp_path / "submission.csv")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "submission.csv").stat().st_mode & 0o777 == 0o644  # mkstemp gave 0600
+
+
+def test_write_submission_never_overwrites_a_file_that_is_not_a_submission(tmp_path, arena_test_path):
+    data = tmp_path / "test.csv"
+    data.write_bytes(arena_test_path.read_bytes())
+    with pytest.raises(ValueError, match=r"test.csv exists and is not a submission"):
+        write_submission(OFFICIAL_TEST_IDS, _probs(3), data, expected_ids=OFFICIAL_TEST_IDS)
+    assert data.read_bytes() == arena_test_path.read_bytes()
+    with pytest.raises(ValueError, match="is a directory"):
+        write_submission([1], _probs(1), tmp_path)
+
+
+def test_predict_ignores_label_columns_and_keeps_odd_ids(tiny_model_dir, arena_test_path, tmp_path):
+    rows = pd.read_csv(arena_test_path, dtype=str, keep_default_na=False)
+    rows["id"] = ["00136060", str(2**64), "1233961"]
+    rows["winner_model_a"], rows["winner_model_b"], rows["winner_tie"] = ["1", "oops", "0"], "0", "0"
+    data = tmp_path / "test_with_labels.csv"
+    rows.to_csv(data, index=False)
+    sub = predict(data, str(tiny_model_dir), out=tmp_path / "sub.csv", max_length=128, device="cpu",
+                  progress=False)
+    written = [line.split(",")[0] for line in (tmp_path / "sub.csv").read_text().splitlines()[1:]]
+    assert written == ["00136060", str(2**64), "1233961"]
+    plain = predict(arena_test_path, str(tiny_model_dir), out=tmp_path / "plain.csv", max_length=128,
+                    device="cpu", progress=False)
+    # the row with the bad label cell got the model's prediction, not the uniform guess
+    np.testing.assert_allclose(sub.iloc[:, 1:].to_numpy(dtype=float), plain.iloc[:, 1:].to_numpy(dtype=float),
+                               atol=1e-6)
+    assert not np.allclose(sub.iloc[1, 1:].to_numpy(dtype=float), 1 / 3, atol=1e-4)

@@ -1,0 +1,202 @@
+"""The command line as a user meets it: `python -m lmsys_utils` in a subprocess, bad input and faults end in one
+line and exit 1 (130 for Ctrl-C), and no wrong or partial file is left."""
+
+import errno
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+import lmsys_utils.auth  # noqa: F401 - loaded before a test drops root (the child cannot read the stdlib then)
+import lmsys_utils.memory  # noqa: F401
+from lmsys_utils.cli import main
+from lmsys_utils.config import Config  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, cwd=None, wrap=None, timeout=120):
+    """Run `python -m lmsys_utils ARGS` (inside `wrap`, e.g. a private mount namespace); return (rc, stdout, stderr)."""
+    command = [sys.executable, "-m", "lmsys_utils", *map(str, args)]
+    if wrap:
+        command = [*wrap, " ".join(f"'{c}'" for c in command)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def _one_error_line(err):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _in_tmpfs(target, options):
+    """A private mount namespace with a real tmpfs at `target` (gone when the command ends)."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode:
+        pytest.skip(f"cannot make a mount namespace here ({probe.stderr.decode().strip()}); needs root")
+    return ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o {options} tmpfs '{target}' && exec \"$0\" \"$@\"",
+            "sh", "-c"]
+
+
+# --- train: settings are typed and checked before anything loads ---
+
+@pytest.mark.parametrize("args, message", [
+    (["lr=abc"], "lr='abc': expected a finite number"),
+    (["batch_size=2.5"], "batch_size='2.5': expected a whole number"),
+    (["max_steps=-3"], "max_steps=-3 (must be >= 1"),
+    (["max_steps=0"], "max_steps=0 (must be >= 1"),
+    (["resume=maybe"], "resume='maybe': expected true or false"),
+    (["max_stpes=3"], "unknown Config field 'max_stpes' in the command line; did you mean max_steps?"),
+])
+def test_train_refuses_bad_settings_in_one_line(tmp_path, args, message):
+    rc, out, err = _cli("train", f"output_dir={tmp_path / 'run'}", *args)
+    assert rc == 1 and message in _one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_config_json_that_is_not_an_object(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps([["max_steps", 10]]))
+    rc, _, err = _cli("train", "--config", tmp_path / "c.json")
+    assert rc == 1 and "c.json: a Config JSON must be an object" in _one_error_line(err)
+
+
+def test_train_config_that_is_a_folder_names_it(tmp_path):
+    rc, _, err = _cli("train", "--config", tmp_path)
+    assert rc == 1 and _one_error_line(err) == f"error: {tmp_path}: Is a directory (a folder where a file is needed: give a file path)"
+
+
+# --- check-data: what training and predict will make of a file ---
+
+def test_check_data_for_training_refuses_a_test_file(arena_test_path):
+    rc, _, err = _cli("check-data", "--for", "train", arena_test_path)
+    assert rc == 1 and "no label columns" in _one_error_line(err)
+    rc, out, _ = _cli("check-data", "--for", "predict", arena_test_path)
+    assert rc == 0 and "3 rows read, 3 kept" in out
+
+
+def test_check_data_names_a_semicolon_separator(tmp_path, arena_test_path):
+    import pandas as pd
+
+    pd.read_csv(arena_test_path).to_csv(tmp_path / "test.csv", sep=";", index=False)
+    rc, _, err = _cli("check-data", tmp_path / "test.csv")
+    assert rc == 1 and "looks semicolon-separated" in err and "quoting" not in err
+
+
+# --- eda: the output is checked before the work; faults end in one line ---
+
+def test_eda_refuses_a_file_as_its_output_folder(tmp_path):
+    (tmp_path / "figs").write_text("keep me")
+    rc, out, err = _cli("eda", "--out", tmp_path / "figs")
+    assert rc == 1 and "figs is a file, but a folder is needed" in _one_error_line(err)
+    assert (tmp_path / "figs").read_text() == "keep me" and out == ""  # refused before reading any data
+
+
+def test_eda_on_a_read_only_file_system(tmp_path):
+    target = tmp_path / "mnt"
+    target.mkdir()
+    rc, out, err = _cli("eda", "--out", target / "figs", wrap=_in_tmpfs(target, "ro,size=1m"))
+    assert rc == 1 and f"cannot write to {target / 'figs'} (Read-only file system)" in _one_error_line(err)
+    assert out == ""  # before the data is read
+
+
+def test_eda_on_a_full_disk(tmp_path):
+    target = tmp_path / "mnt"
+    target.mkdir()
+    rc, _, err = _cli("eda", "--out", target / "figs", wrap=_in_tmpfs(target, "size=16k"))
+    assert rc == 1
+    assert _one_error_line(err) == (f"error: while writing {target / 'figs'}: No space left on device "
+                                    "(the disk is full: free space or write elsewhere)")
+
+
+@pytest.mark.slow
+def test_ctrl_c_outside_training_exits_130_in_one_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lmsys_utils", "eda", "--out", str(tmp_path / "figs")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert "synthetic demo data" in proc.stdout.readline()  # the figures are being drawn now (seconds)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and _one_error_line(err) == "error: interrupted (Ctrl-C)"
+
+
+# --- OSErrors a user can cause, each one line naming the path ---
+
+def test_no_permission_names_the_file():
+    """Real EACCES: the command runs as an unprivileged user in a forked child (root ignores permissions)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    config = folder / "c.json"
+    config.write_text("{}")
+    config.chmod(0o600)
+    folder.chmod(0o755)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child never returns into pytest
+        os.close(read)
+        os.setgid(65534)
+        os.setuid(65534)
+        sys.stderr = io.StringIO()
+        rc = main(["train", "--config", str(config)])
+        os.write(write, f"{rc}\n{sys.stderr.getvalue()}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        rc, err = f.read().split("\n", 1)
+    os.waitpid(pid, 0)
+    config.unlink()
+    folder.rmdir()
+    assert rc == "1"
+    assert _one_error_line(err) == (f"error: {config}: Permission denied (no permission: choose a location you "
+                                    "may write, or fix the permissions)")
+
+
+@pytest.mark.parametrize("code, hint", [(errno.EIO, "the storage failed"), (errno.ENOSPC, "the disk is full"),
+                                        (errno.EROFS, "read-only file system")])
+def test_os_errors_without_a_real_device_fault_are_one_line(monkeypatch, capsys, code, hint):
+    """EIO cannot be made real here (no faulty disk): the CLI's handling of it is tested with a raised one."""
+    import lmsys_utils.data
+
+    def failing(path, **kwargs):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(lmsys_utils.data, "load_arena", failing)
+    assert main(["check-data", "/data/train.csv"]) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: /data/train.csv: {os.strerror(code)} (") and hint in line
+
+
+def test_ctrl_c_in_process_exits_130(monkeypatch, capsys):
+    import lmsys_utils.data
+
+    def interrupted(path, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lmsys_utils.data, "load_arena", interrupted)
+    assert main(["check-data", "x.csv"]) == 130
+    assert _one_error_line(capsys.readouterr().err) == "error: interrupted (Ctrl-C)"
+
+
+# --- predict never destroys its input ---
+
+@pytest.mark.slow
+def test_predict_out_equal_to_data_is_refused_and_the_data_kept(tiny_model_dir, arena_test_path, tmp_path):
+    data = tmp_path / "test.csv"
+    data.write_bytes(arena_test_path.read_bytes())
+    rc, _, err = _cli("predict", "--data", data, "--model", tiny_model_dir, "--out", data, "--device", "cpu",
+                      "--max-length", "128", timeout=300)
+    # library notices and the progress bar may come first (the refusal moves before the model load once predict()
+    # calls files.check_output_file up front); the error itself is one line, the last
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert rc == 1 and "Traceback" not in err and len(errors) == 1 and err.strip().endswith(errors[0])
+    assert f"{data} exists and is not a submission" in errors[0]
+    assert data.read_bytes() == arena_test_path.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv"]
