@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmsys_utils.batching import bucket_length, num_train_batches, pad_batch, sorted_batches, train_batches
+from lmsys_utils.batching import (bucket_length, num_train_batches, pad_batch, rows_per_batch, sorted_batches,
+                                  train_batches)
 
 PAD = 0
 
@@ -94,8 +95,11 @@ def test_sorted_batches_budget_order_and_restore(lengths, max_tokens, max_batch,
     widths = []
     for idx, batch in sorted_batches(seqs, PAD, max_tokens, max_batch=max_batch, buckets=buckets):
         rows, width = batch["input_ids"].shape
-        assert rows == len(idx) and (rows * width <= max_tokens or rows == 1)
+        # with buckets every batch of a width has the same row count (one graph): filled with its last row
+        assert rows == (rows_per_batch(max_tokens, width, max_batch=max_batch or len(seqs)) if buckets else len(idx))
+        assert len(idx) <= rows and (rows * width <= max_tokens or rows == 1)
         assert max_batch is None or rows <= max_batch
+        assert (batch["input_ids"][len(idx):] == batch["input_ids"][len(idx) - 1]).all()
         assert width == (bucket_length(max(lengths[i] for i in idx), buckets) if buckets
                          else max(lengths[i] for i in idx))
         widths.append(width)

@@ -374,10 +374,11 @@ def test_eval_share_of_the_default_run(llama3_8b):
     assert eval_share(train, valid, None) == pytest.approx(valid * 2 / (train * 4))
 
 
-def test_time_plan_from_the_default_config(llama3_8b):
+def test_time_plan_from_the_default_config(llama3_8b, tmp_path):
     from lmsys_utils.config import Config
 
-    config = dataclasses.replace(Config(), model=llama3_8b)
+    llama3_8b.save_pretrained(tmp_path)  # a folder with config.json, as Config.model names a model
+    config = dataclasses.replace(Config(), model=str(tmp_path))
     plan = time_plan_from_config(config, "tpu-v3-8", training=True, rows=57_477)
     valid = round(57_477 * 0.05)
     assert plan.settings["rows"] == 57_477 - valid and plan.settings["batch_size"] == 16
