@@ -348,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     try:
         return _run(build_parser().parse_args(argv))
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # training says where it stopped and how to resume (train.TrainingInterrupted)
+        print(f"error: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
 
 
 def _run(args) -> int:

@@ -91,6 +91,20 @@ class Config:
     """Share of rows held out for validation (grouped by prompt, stratified by label)."""
     max_train_rows: int | None = None
     """Use only the first N training rows after shuffling (None: all)."""
+    extra_paths: tuple = ()
+    """Competition-format CSVs of extra battles (`python -m lmsys_utils extra-data`), added to training only."""
+    folds: int | None = None
+    """K folds grouped by prompt (`data.make_folds`) instead of valid_frac; set `fold` too."""
+    fold: int | None = None
+    """The held-out fold (0..folds-1): validation, and output_dir/oof.csv with its out-of-fold predictions."""
+    teacher: str | None = None
+    """CSV of id + three probabilities (a bigger model's out-of-fold predictions) to distill from."""
+    distill_alpha: float = 0.5
+    """Weight of the teacher's probabilities in the training targets (0: labels only, 1: teacher only)."""
+    distill_temperature: float = 1.0
+    """Softens (> 1) or sharpens (< 1) the teacher's probabilities before mixing."""
+    teacher_fallback: bool = False
+    """Training rows the teacher has no row for keep their hard labels (else such rows are refused)."""
 
     # --- text ---
     max_length: int = DEFAULT_ENCODING.max_length
@@ -186,6 +200,11 @@ class Config:
         rules = {
             "valid_frac": (lambda v: 0 <= v < 1, "must be >= 0 and < 1"),
             "max_train_rows": (at_least(1, optional=True), "must be >= 1, or None for all rows"),
+            "folds": (at_least(2, optional=True), "must be >= 2, or None to split by valid_frac"),
+            "fold": (lambda v: (v is None) == (self.folds is None) and (v is None or 0 <= v < self.folds),
+                     "must be one of 0..folds-1 when folds is set, and None otherwise"),
+            "distill_alpha": (lambda v: 0 <= v <= 1, "must be between 0 and 1"),
+            "distill_temperature": (lambda v: v > 0, "must be > 0"),
             "max_length": (at_least(16), "must be >= 16"),
             "prompt_share": (lambda v: 0 < v < 1, "must be > 0 and < 1"),
             "keep_tail": (lambda v: 0 <= v < self.max_length, f"must be >= 0 and < max_length ({self.max_length})"),

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .blend import cross_validate
 from .config import Config
 from .data import load_arena, split_train_valid, to_competition_csv
 from .device import resolve
+from .files import check_writable
 from .metrics import accuracy, log_loss
 from .model import load_tokenizer
 from .plots import plot_confusion_matrix, plot_history, plot_reliability, save_eda_figures, token_lengths
@@ -29,7 +31,7 @@ def run_demo(out_dir="runs/demo", data=None, max_steps: int | None = None, seed:
         max_steps: stop training after this many steps (default: three epochs).
     Returns the metrics written to `out_dir/metrics.json`.
     """
-    out = Path(out_dir)
+    out = check_writable(out_dir)  # a file there, or a folder nobody may write: refused before any work
     if data:
         train_path, test_path = Path(data), None
     else:
@@ -53,7 +55,7 @@ def run_demo(out_dir="runs/demo", data=None, max_steps: int | None = None, seed:
         train_path=str(out / "data" / "train_split.csv"), output_dir=str(out / "run"), model=str(model_dir),
         device="cpu", memory_target="cpu", valid_frac=0.1, max_length=256, batch_size=16, grad_accum=1,
         epochs=3, max_steps=max_steps, lr=3e-3, warmup_steps=10, lora_r=16, lora_alpha=32, lora_dropout=0.0,
-        log_every=5, eval_every=20, save_every=None, seed=seed,
+        log_every=5, eval_every=20, save_every=None, seed=seed, overwrite=True,  # the demo replaces its own run
     )
     history = train(config)
 
@@ -62,6 +64,8 @@ def run_demo(out_dir="runs/demo", data=None, max_steps: int | None = None, seed:
     probs = predict_proba(loaded[0], loaded[1], holdout, loaded[2], runtime)
     y = holdout["label"].to_numpy()
     rules = compare_rules(holdout, probs)
+    # temperature scaling, cross-validated on the held-out rows (fitted on 4/5, scored on the rest)
+    calibration = cross_validate(y, [probs], folds=5, seed=seed)
     prior = np.bincount(rest["label"], minlength=3) / len(rest)
     metrics = {
         "holdout_rows": len(holdout),
@@ -74,6 +78,7 @@ def run_demo(out_dir="runs/demo", data=None, max_steps: int | None = None, seed:
         "compile_s": history["compile_s"],
         "step_s": history["step_s"],
         "rules": rules,
+        "calibrated_holdout_log_loss": calibration["calibrated"],
         "config": dataclasses.asdict(config),
     }
     for name, fig in {"history": plot_history(history), "reliability": plot_reliability(y, probs),
@@ -86,6 +91,7 @@ def run_demo(out_dir="runs/demo", data=None, max_steps: int | None = None, seed:
     print(f"""
 held-out log loss {metrics['holdout_log_loss']:.4f} (accuracy {metrics['holdout_accuracy']:.3f}) on {len(y)} rows;
   uniform guess {metrics['uniform_log_loss']:.4f}, class prior {metrics['class_prior_log_loss']:.4f};
+  temperature-scaled (5-fold cross-validated on these rows) {calibration['calibrated']:.4f};
   with the identical/empty-response rules {rules['log_loss_with_rules']:.4f} ({rules['rows_changed']} rows changed)
 outputs in {out}/:
   data/            demo train/test CSVs and the held-out split

@@ -315,6 +315,6 @@ def set_rng_state(state: dict, kind: str) -> None:
 def _check_torch_xla() -> None:
     version = importlib.metadata.version("torch_xla")
     if tuple(int(x) for x in version.split(".")[:2]) < MIN_TORCH_XLA:
-        raise RuntimeError(f"torch_xla {version} is too old: lmsys-utils needs torch_xla >= "
+        raise ValueError(f"torch_xla {version} is too old: lmsys-utils needs torch_xla >= "
                            f"{'.'.join(map(str, MIN_TORCH_XLA))} with its matching torch; upgrade the pair or use "
                            "a newer Kaggle TPU image")

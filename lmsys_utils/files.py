@@ -18,7 +18,7 @@ from pathlib import Path
 from .data import LABEL_COLUMNS
 
 SUBMISSION_HEADER = ",".join(("id", *LABEL_COLUMNS))
-RUN_FILES = ("adapter", "checkpoints", "history.json", "config.json")  # what a training run writes
+RUN_FILES = ("adapter", "checkpoints", "history.json", "config.json", "oof.csv")  # what a training run writes
 LOCK_NAME = ".lock"
 TMP_PREFIX = ".tmp-"  # unfinished checkpoint writes (train.save_checkpoint)
 

@@ -9,7 +9,7 @@ import transformers
 from huggingface_hub import constants
 from peft import LoraConfig, PeftConfig, TaskType, get_peft_model
 from peft.utils import load_peft_weights, set_peft_model_state_dict
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from .auth import is_local, preflight, resolve_token
 from .config import EncodingSettings
@@ -35,6 +35,15 @@ class AdapterError(ValueError):
 def load_tokenizer(name_or_path, token: str | None = None):
     """The tokenizer of a hub id or local folder, with a pad token (Llama-3 has none) and right padding."""
     return ensure_pad_token(AutoTokenizer.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token)))
+
+
+def check_max_length(name_or_path, max_length: int, token: str | None = None) -> None:
+    """Refuse a max_length beyond the model's position limit (positions past it were never trained, or crash)."""
+    config = AutoConfig.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token))
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise ValueError(f"max_length={max_length} is beyond the {limit} positions of {name_or_path} "
+                         f"({config.model_type}); use max_length <= {limit}")
 
 
 def load_classifier(name_or_path, tokenizer, token: str | None = None, dtype="auto", kind: str = "cpu",

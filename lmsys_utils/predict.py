@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .auth import is_local, preflight
 from .batching import inference_buckets, rows_per_batch, sorted_batches
 from .config import DEFAULT_ENCODING, EncodingSettings
 from .data import LABEL_COLUMNS, is_empty, load_arena, parse_ids, swap_ab, targets
@@ -21,7 +22,7 @@ from .device import memory_target as this_machine
 from .files import atomic_write, check_output_file
 from .memory import check_fits, format_plan, plan_memory
 from .metrics import log_loss, normalize_probs
-from .model import load_for_inference
+from .model import check_max_length, load_for_inference
 from .text import encode_rows
 
 # Values winning solutions used for degenerate rows (see notes/ANCHORS.md); columns A, B, tie.
@@ -217,11 +218,14 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
             `device.memory_target`); a setup that cannot fit is refused unless `force`.
         loaded: (models, tokenizer, encoding) from `load_models`, to predict with models already in memory.
     """
+    check_output_file(out, inputs=[data_path])  # before hours of prediction, not after
+    if is_local(model):
+        preflight(model)  # a missing or incomplete model folder: one clear message before anything loads
     df, _ = load_arena(data_path, drop_invalid=True, labels=False)
     runtime = resolve(device, dtype)
-    saved = EncodingSettings.load(adapter) if adapter is not None else None
     if loaded is None:
-        encoding = resolve_encoding(saved, max_length)
+        encoding = resolve_encoding(EncodingSettings.load(adapter), max_length)
+        check_max_length(model, encoding.max_length, token=token)
         plan = plan_memory(model, memory_target or this_machine(runtime.kind), quantization=quantization,
                            batch_size=rows_per_batch(max_tokens, encoding.max_length),
                            max_length=encoding.max_length, token=token)

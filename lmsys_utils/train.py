@@ -3,11 +3,14 @@ checkpoints that resume."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,11 +25,15 @@ from transformers import get_scheduler
 
 from .batching import num_train_batches, pad_batch, train_batches
 from .config import Config, EncodingSettings
-from .data import load_arena, split_train_valid, swap_ab, targets
+from .auth import is_local, preflight
+from .data import (LABEL_COLUMNS, distill_targets, load_arena, load_teacher, make_folds, split_train_valid, swap_ab,
+                   targets)
 from .device import CompileWatch, Runtime, get_rng_state, memory_target, resolve, set_rng_state
 from .memory import check_fits, format_plan, plan_from_config
 from .metrics import accuracy, log_loss
-from .model import adapter_keys, adapter_state_dict, add_lora, load_classifier, load_tokenizer, save_adapter
+from .files import RUN_FILES, RunLock, atomic_write, check_output_dir, clean_stale_tmp
+from .model import (adapter_keys, adapter_state_dict, add_lora, check_max_length, load_classifier, load_tokenizer,
+                    save_adapter)
 from .text import encode_rows
 
 CHECKPOINT_PREFIX = "step-"
@@ -58,37 +65,149 @@ class TrainState:
     history: dict = dataclasses.field(default_factory=dict)
     notices: list = dataclasses.field(default_factory=list)
     """Lines fit() prints before the bar (resume, compile)."""
+    valid_probs: Any = None
+    """The latest evaluation's probabilities per validation row (out-of-fold predictions when training a fold)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training; the message says where, and how to continue."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# settings a resumed run must share with the checkpoint: they define the schedule, the data order or the model
+RESUME_FIELDS = ("train_path", "valid_frac", "max_train_rows", "extra_paths", "folds", "fold", "teacher",
+                 "distill_alpha", "distill_temperature", "max_length", "prompt_share", "keep_tail", "model",
+                 "quantization", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "epochs", "max_steps",
+                 "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "swap_augment",
+                 "seed")
 
 
 def train(config: Config, token=None, progress_file=None) -> dict:
-    """The entry point: load and split the rows, check the memory plan, load the model with LoRA, fit, save the
-    adapter (with its encoding settings), `history.json` and `config.json` to `config.output_dir`."""
-    runtime = resolve(config.device, config.dtype)  # on XLA, SPMD must be on before any XLA tensor exists
-    df, summary = load_arena(config.train_path)
-    if runtime.main:
+    """The entry point: check the output folder and inputs, load and split the rows, check the memory plan, load
+    the model with LoRA, fit, save the adapter (with its encoding settings) and `history.json` to
+    `config.output_dir` (`config.json` is written first, so a resumed run can be checked against it).
+
+    Ctrl-C or SIGTERM ends it with TrainingInterrupted, naming the last checkpoint to resume from.
+    """
+    out = check_output_dir(config.output_dir, config.resume, config.overwrite)
+    with RunLock(out):
+        if config.resume:
+            _check_resume(config, out / "config.json")
+        elif config.overwrite:  # the old run's files go, so nothing of it is mistaken for this run's later
+            for path in (out / name for name in RUN_FILES):
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        clean_stale_tmp(out / "checkpoints")
+        if is_local(config.model):
+            preflight(config.model)  # a missing or incomplete model folder: one clear message, before anything loads
+        runtime = resolve(config.device, config.dtype)  # on XLA, SPMD must be on before any XLA tensor exists
+        train_df, valid_df = load_training_rows(config, runtime.main)
+        check_max_length(config.model, config.max_length, token=token)
+        tokenizer = load_tokenizer(config.model, token=token)
+        # know before loading: refuse a setup the memory plan says cannot fit, unless forced
+        target = memory_target(runtime.kind) if config.memory_target == "auto" else config.memory_target
+        plan = check_fits(plan_from_config(config, target, training=True, token=token), force=config.force)
+        if runtime.main:
+            print(format_plan(plan))
+            config.save(out / "config.json")
+        model = load_classifier(config.model, tokenizer, token=token, dtype=runtime.dtype, kind=runtime.kind,
+                                quantization=config.quantization,
+                                gradient_checkpointing=config.gradient_checkpointing)
+        torch.manual_seed(config.seed)
+        model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                         targets=config.lora_targets)
+        state = setup(model, tokenizer, train_df, valid_df, config, runtime)
+        with _interrupts_as_exceptions():
+            try:
+                history = fit(state, config, progress_file=progress_file)
+            except KeyboardInterrupt as e:
+                raise _interrupted(state, out / "checkpoints", e) from None
+        adapter = adapter_state_dict(model)  # on every process: collective on a multi-host slice
+        if runtime.main:
+            save_adapter(model, tokenizer, out / "adapter", encoding=config.encoding, state_dict=adapter)
+            if config.fold is not None and state.valid_probs is not None:
+                write_predictions(valid_df["id"], state.valid_probs, out / "oof.csv")
+    return history
+
+
+def load_training_rows(config: Config, verbose: bool = True) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The training and validation rows of a run: the labeled train CSV, split by fold or by valid_frac, plus
+    the extra battles (training only), with the teacher's probabilities mixed into the targets."""
+    df, summary = load_arena(config.train_path, labels=True)
+    if verbose:
         print(summary)
     if config.max_train_rows:
         df = df.sample(frac=1.0, random_state=config.seed).head(config.max_train_rows).reset_index(drop=True)
-    train_df, valid_df = split_train_valid(df, config.valid_frac, config.seed) if config.valid_frac > 0 else (df, None)
-    tokenizer = load_tokenizer(config.model, token=token)
-    # know before loading: refuse a setup the memory plan says cannot fit, unless forced
-    target = memory_target(runtime.kind) if config.memory_target == "auto" else config.memory_target
-    plan = check_fits(plan_from_config(config, target, training=True, token=token), force=config.force)
-    if runtime.main:
-        print(format_plan(plan))
-    model = load_classifier(config.model, tokenizer, token=token, dtype=runtime.dtype, kind=runtime.kind,
-                            quantization=config.quantization, gradient_checkpointing=config.gradient_checkpointing)
-    torch.manual_seed(config.seed)
-    model = add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                     targets=config.lora_targets)
-    state = setup(model, tokenizer, train_df, valid_df, config, runtime)
-    history = fit(state, config, progress_file=progress_file)
-    adapter = adapter_state_dict(model)  # on every process: collective on a multi-host slice
-    if runtime.main:
-        out = Path(config.output_dir)
-        save_adapter(model, tokenizer, out / "adapter", encoding=config.encoding, state_dict=adapter)
-        config.save(out / "config.json")
-    return history
+    if config.folds:
+        held_out = (make_folds(df, k=config.folds, seed=config.seed) == config.fold).to_numpy()
+        train_df, valid_df = df[~held_out].reset_index(drop=True), df[held_out].reset_index(drop=True)
+    elif config.valid_frac > 0:
+        train_df, valid_df = split_train_valid(df, config.valid_frac, config.seed)
+    else:
+        train_df, valid_df = df, None
+    for path in config.extra_paths:
+        extra, extra_summary = load_arena(path, labels=True)
+        if verbose:
+            print(f"extra rows from {path}: {len(extra)} (training only)")
+        train_df = pd.concat([train_df, extra], ignore_index=True)
+    if config.teacher:
+        teacher = load_teacher(config.teacher, train_df["id"], fallback=config.teacher_fallback)
+        mixed = distill_targets(targets(train_df), teacher, config.distill_alpha, config.distill_temperature)
+        train_df = train_df.copy()
+        train_df[list(LABEL_COLUMNS)] = mixed  # soft targets: fit's loss is cross-entropy against them
+    return train_df, valid_df
+
+
+def write_predictions(ids, probs, path) -> Path:
+    """id + the three probabilities, in the submission's format (out-of-fold predictions, a blend's input)."""
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(LABEL_COLUMNS))
+    frame.insert(0, "id", list(ids))
+    with atomic_write(path) as f:
+        frame.to_csv(f, index=False)
+    return Path(path)
+
+
+def _check_resume(config: Config, saved_path: Path) -> None:
+    """Refuse a resume whose schedule-, data- or model-defining settings differ from the run's, naming them."""
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    current = json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as saved
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in RESUME_FIELDS if k in saved and saved[k] != current[k]]
+    if changed:
+        raise ValueError(f"resume=true, but these settings differ from the run in {saved_path.parent}: "
+                         f"{'; '.join(changed)}. Resume with the run's settings, or start a new run "
+                         "(another output_dir, or overwrite=true)")
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (Kaggle stopping a session, `kill`), raised in the main thread like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _interrupts_as_exceptions():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(state: "TrainState", ckpt_dir: Path, error: KeyboardInterrupt) -> TrainingInterrupted:
+    last = latest_checkpoint(ckpt_dir)
+    where = (f"the last checkpoint is step {int(last.name[len(CHECKPOINT_PREFIX):])}; continue with resume=true"
+             if last else "no checkpoint was written yet (save_every sets how often)")
+    return TrainingInterrupted(f"interrupted at step {state.step + 1} of {state.total_steps}; {where}",
+                               143 if isinstance(error, _Terminated) else 130)
 
 
 def setup(model, tokenizer, train_df: pd.DataFrame, valid_df: pd.DataFrame | None, config: Config,
@@ -207,6 +326,7 @@ def fit(state: TrainState, config: Config, progress_file=None) -> dict:
             with watch.evaluation():
                 metrics = evaluate(state.net, *state.valid, config.batch_size, state.tokenizer.pad_token_id,
                                    config.max_length if runtime.padding == "buckets" else None, runtime)
+            state.valid_probs = metrics.pop("probs")
             history["eval"].append({"step": step, **metrics})
             say(f"step {step}: valid log loss {metrics['log_loss']:.4f}, accuracy {metrics['accuracy']:.3f}")
             new_best = history["best_log_loss"] is None or metrics["log_loss"] < history["best_log_loss"]
@@ -264,7 +384,7 @@ def evaluate(model, seqs, targets, batch_size: int, pad_id: int, length: int | N
     # one host transfer for the whole validation set
     probs = torch.cat(probs).cpu().numpy()[:len(seqs)]
     model.train()
-    return {"log_loss": log_loss(targets, probs), "accuracy": accuracy(targets, probs)}
+    return {"log_loss": log_loss(targets, probs), "accuracy": accuracy(targets, probs), "probs": probs}
 
 
 def save_checkpoint(ckpt_dir, state: TrainState, data_position: int) -> Path | None:

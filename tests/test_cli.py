@@ -200,3 +200,106 @@ def test_predict_out_equal_to_data_is_refused_and_the_data_kept(tiny_model_dir, 
     assert f"{data} exists and is not a submission" in errors[0]
     assert data.read_bytes() == arena_test_path.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["test.csv"]
+
+
+# --- train and predict: refused before the model loads, and nothing of another run is lost ---
+
+@pytest.fixture(scope="module")
+def demo_csvs(tmp_path_factory):
+    from lmsys_utils.synthetic import write_demo_data
+
+    return write_demo_data(tmp_path_factory.mktemp("demo"), n_train=60, n_test=6)
+
+
+def _train_args(tiny_model_dir, train_csv, out, *extra):
+    return ["train", f"train_path={train_csv}", f"model={tiny_model_dir}", f"output_dir={out}", "device=cpu",
+            "memory_target=cpu", "max_length=64", "batch_size=4", "grad_accum=1", "max_steps=4", "log_every=2",
+            "eval_every=None", "save_every=2", "valid_frac=0.2", "lora_r=4", "lora_alpha=8", *extra]
+
+
+@pytest.mark.slow
+def test_train_refusals_come_before_the_model_loads(tiny_model_dir, demo_csvs, tmp_path):
+    from lmsys_utils.files import RunLock
+
+    train_csv, test_csv = demo_csvs
+    cases = [  # (extra settings, expected one-line error)
+        ([f"model={tmp_path / 'no-such-model'}"], "does not exist"),
+        ([f"train_path={test_csv}"], "label"),
+        (["max_length=5000"], "beyond the 4096 positions"),
+    ]
+    for extra, message in cases:
+        out = tmp_path / f"run{len(extra[0])}"
+        rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, out, *extra))
+        assert rc == 1 and message in _one_error_line(err), (extra, err)
+        assert not (out / "adapter").exists() and not (out / "checkpoints").exists()
+
+    run = tmp_path / "run"
+    rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run))
+    assert rc == 0, err
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    # a new run into a folder that holds one: refused, the old adapter untouched
+    rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run, "lr=0.01"))
+    assert rc == 1 and "holds another run" in _one_error_line(err)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    # resuming with a schedule-defining setting changed: refused, naming it
+    rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run, "resume=true", "max_steps=8"))
+    assert rc == 1 and "max_steps: 4 -> 8" in _one_error_line(err)
+    # a second run while one holds the folder: refused, naming the holder
+    with RunLock(run):
+        rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run, "resume=true"))
+    assert rc == 1 and "in use" in _one_error_line(err).lower() or "pid" in err, err
+    # a leftover of a failed checkpoint write is cleaned when the run resumes; overwrite replaces the run
+    (run / "checkpoints" / ".tmp-step-0000009").mkdir()
+    rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run, "resume=true"))
+    assert rc == 0 and "removed 1 unfinished checkpoint write" in err
+    assert not (run / "checkpoints" / ".tmp-step-0000009").exists()
+    rc, _, err = _cli(*_train_args(tiny_model_dir, train_csv, run, "overwrite=true", "lr=0.01"))
+    assert rc == 0, err
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_training_says_where_to_resume(tiny_model_dir, demo_csvs, tmp_path, sig, code):
+    train_csv, _ = demo_csvs
+    run = tmp_path / "run"
+    args = _train_args(tiny_model_dir, train_csv, run, "max_steps=400", "save_every=3", "log_every=1")
+    proc = subprocess.Popen([sys.executable, "-m", "lmsys_utils", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    err = ""
+    for line in iter(proc.stderr.readline, ""):  # the bar writes to stderr; wait until step 5 is shown
+        err += line
+        if "train 5/400" in line or "\rtrain 5/400" in err:
+            break
+    proc.send_signal(sig)
+    out, rest = proc.communicate(timeout=120)
+    err += rest
+    assert proc.returncode == code, err[-2000:]
+    last = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error: ")]
+    assert len(last) == 1 and "Traceback" not in err, err[-2000:]
+    assert "interrupted at step" in last[0] and "continue with resume=true" in last[0]
+    saved = int(last[0].split("the last checkpoint is step ")[1].split(";")[0])
+    assert (run / "checkpoints" / f"step-{saved:07d}").is_dir()
+
+
+@pytest.mark.slow
+def test_predict_refusals_come_before_the_model_loads(tiny_model_dir, demo_csvs, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    _, test_csv = demo_csvs
+    before = test_csv.read_bytes()
+    rc, _, err = _cli("predict", "--data", test_csv, "--model", tiny_model_dir, "--out", test_csv, "--device", "cpu")
+    assert rc == 1 and "input" in _one_error_line(err) and test_csv.read_bytes() == before
+    out = tmp_path / "sub.csv"
+    rc, _, err = _cli("predict", "--data", test_csv, "--model", tiny_model_dir, "--out", out, "--device", "cpu",
+                      "--max-length", "5000")
+    assert rc == 1 and "beyond the 4096 positions" in _one_error_line(err) and not out.exists()
+    # a causal LM with no adapter: its score head would be random, and the submission would still look valid
+    lm = tmp_path / "causal_lm"
+    config = LlamaConfig.from_pretrained(tiny_model_dir)
+    AutoModelForCausalLM.from_config(config).save_pretrained(lm)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).is_file():
+            (lm / name).write_bytes((tiny_model_dir / name).read_bytes())
+    rc, _, err = _cli("predict", "--data", test_csv, "--model", lm, "--out", out, "--device", "cpu")
+    assert rc == 1 and "no trained classification head" in _one_error_line(err) and not out.exists()

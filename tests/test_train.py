@@ -9,16 +9,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from lmsys_utils.config import Config
-from lmsys_utils.data import LABEL_COLUMNS, split_train_valid
+from lmsys_utils.data import LABEL_COLUMNS, load_arena, split_train_valid, to_competition_csv
 from lmsys_utils.device import resolve
+from lmsys_utils.metrics import log_loss
 from lmsys_utils.synthetic import make_demo_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +45,10 @@ def fit_rows(model, tokenizer, train_df, valid_df, config, progress_file=None, k
     from lmsys_utils.train import fit, setup
 
     return fit(setup(model, tokenizer, train_df, valid_df, config, resolve(kind)), config, progress_file)
+
+
+def load_arena_rows(path):
+    return load_arena(path)[0]
 
 
 def demo_rows(n, seed=0):
@@ -296,3 +301,64 @@ def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, q
     assert len(history["loss"]) == 4 and np.isfinite(history["loss"]).all()
     model, _, _ = load_for_inference(tiny_model_dir, tmp_path / "run" / "adapter", quantization=quantization)
     assert any("bnb" in type(m).__module__ for m in model.modules())
+
+
+# --- folds, extra data, distillation (the winners' toolkit) ---
+
+def test_a_fold_run_writes_out_of_fold_predictions_for_its_held_out_rows(tiny_model_dir, tmp_path):
+    from lmsys_utils.data import make_folds
+    from lmsys_utils.synthetic import write_demo_data
+    from lmsys_utils.train import train
+
+    train_csv, _ = write_demo_data(tmp_path / "data", n_train=90, n_test=4)
+    config = small_config(tmp_path, train_path=str(train_csv), model=str(tiny_model_dir), max_steps=3,
+                          folds=3, fold=1, dtype="fp32", device="cpu", memory_target="cpu")
+    history = train(config, progress_file=io.StringIO())
+    df = load_arena_rows(train_csv)
+    held_out = df["id"][(make_folds(df, 3, seed=0) == 1).to_numpy()]
+    oof = pd.read_csv(tmp_path / "run" / "oof.csv")
+    assert sorted(oof["id"]) == sorted(held_out)
+    probs = oof[list(LABEL_COLUMNS)].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    # the file holds the final evaluation's predictions: its log loss is the one the history reports
+    assert log_loss(df.set_index("id").loc[oof["id"], list(LABEL_COLUMNS)].to_numpy(), probs) == pytest.approx(
+        history["eval"][-1]["log_loss"], abs=1e-6)
+
+
+def test_extra_rows_train_only_and_the_teacher_sets_the_targets(tiny_model_dir, tmp_path):
+    from lmsys_utils.synthetic import write_demo_data
+    from lmsys_utils.train import load_training_rows, train
+
+    train_csv, _ = write_demo_data(tmp_path / "data", n_train=80, n_test=4)
+    extra_csv, _ = write_demo_data(tmp_path / "extra", n_train=40, n_test=4, seed=7)
+    extra = load_arena_rows(extra_csv)
+    extra["id"] = extra["id"] + 10_000_000
+    to_competition_csv(extra, extra_csv)
+    df = load_arena_rows(train_csv)
+    uniform = pd.DataFrame({"id": pd.concat([df["id"], extra["id"]]), "winner_model_a": 1 / 3,
+                            "winner_model_b": 1 / 3, "winner_tie": 1 / 3})
+    teacher_csv = tmp_path / "teacher.csv"
+    uniform.to_csv(teacher_csv, index=False)
+    config = small_config(tmp_path, train_path=str(train_csv), model=str(tiny_model_dir), max_steps=20,
+                          valid_frac=0.2, extra_paths=(str(extra_csv),), dtype="fp32", device="cpu",
+                          memory_target="cpu", lr=1e-2, schedule="constant", log_every=1)
+    train_df, valid_df = load_training_rows(config, verbose=False)
+    assert len(train_df) + len(valid_df) == 120 and set(extra["id"]) <= set(train_df["id"])
+    assert not set(extra["id"]) & set(valid_df["id"])  # extra battles never reach validation
+
+    hard = train(config, progress_file=io.StringIO())
+    taught = train(dataclasses.replace(config, teacher=str(teacher_csv), distill_alpha=1.0, overwrite=True),
+                   progress_file=io.StringIO())
+    # cross-entropy against a uniform teacher is at least its entropy, log 3, whatever the model predicts;
+    # against hard labels the same run falls well below it
+    assert min(taught["loss"]) >= np.log(3) - 1e-4
+    assert min(hard["loss"]) < np.log(3) - 0.05
+    rows, _ = load_training_rows(dataclasses.replace(config, teacher=str(teacher_csv), distill_alpha=0.5),
+                                 verbose=False)
+    hard_rows, _ = load_training_rows(config, verbose=False)
+    np.testing.assert_allclose(rows[list(LABEL_COLUMNS)].to_numpy(),
+                               0.5 * hard_rows[list(LABEL_COLUMNS)].to_numpy() + 0.5 / 3, atol=1e-6)
+    partial = tmp_path / "partial.csv"
+    uniform.iloc[:50].to_csv(partial, index=False)
+    with pytest.raises(ValueError, match="teacher"):
+        load_training_rows(dataclasses.replace(config, teacher=str(partial)), verbose=False)
