@@ -526,8 +526,12 @@ def _pip(*args: str, interpreter: str | None = None, isolated: bool = False) -> 
     env = None
     if isolated:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
-    done = subprocess.run([sys.executable, "-m", "pip", *where, *args, "--quiet", "--disable-pip-version-check"],
+    done = subprocess.run([sys.executable, "-m", "pip", *where, *args, "--disable-pip-version-check"],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise RuntimeError(f"pip {args[0]} failed (building the wheel needs PyPI for setuptools; downloads "
-                           f"need PyPI):\n{done.stderr.strip()[-3000:]}")
+        # pip explains a conflict on stdout ("The conflict is caused by: ...") and states the error on stderr
+        lines = [line for line in (done.stdout + done.stderr).splitlines()
+                 if line.strip() and not line.startswith(("WARNING: Location", "Collecting", "  Using cached",
+                                                            "  Downloading", "Looking in", "Processing"))]
+        raise RuntimeError(f"pip {args[0]} failed (it needs PyPI, and a bundle for an image needs versions that "
+                           "fit the image):\n" + "\n".join(lines)[-3000:])

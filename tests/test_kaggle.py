@@ -282,3 +282,37 @@ def test_fresh_venv_installs_from_the_bundle_with_no_index(tmp_path):
                           cwd=tmp_path, check=True)
     version, path, tqdm_version = done.stdout.split()
     assert version == "0.1.0" and path.startswith(str(venv)) and tqdm_version == "4.70.1"
+
+
+@pytest.mark.slow
+@needs_pypi
+def test_the_wheel_installs_in_a_fresh_venv_without_extras_and_every_command_runs(tmp_path):
+    from lmsys_utils.cli import build_parser
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path),
+                    str(ROOT)], check=True)
+    wheel = next(tmp_path.glob("lmsys_utils-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    # torch 2.13.0: a CPU wheel on this project's machines (fast); pip would otherwise take the newest, with CUDA
+    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheel), "torch==2.13.0"], check=True)
+
+    def run(*args):
+        return subprocess.run([python, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    imported = run("-c", "import importlib.util, lmsys_utils.train, lmsys_utils.predict, lmsys_utils.kaggle; "
+                         "print(lmsys_utils.__file__, importlib.util.find_spec('torch_xla'))")
+    assert imported.returncode == 0, imported.stderr
+    path, xla = imported.stdout.split()
+    assert path.startswith(str(venv)) and xla == "None"  # the package, not this checkout; no torch_xla needed
+    demo = run("-c", "from lmsys_utils.demo import write_demo_data; print(write_demo_data('data')[0])")
+    assert demo.returncode == 0, demo.stderr
+    checked = run("-m", "lmsys_utils", "check-data", demo.stdout.strip())
+    assert checked.returncode == 0 and "800" in checked.stdout, checked.stdout + checked.stderr
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert {"check-data", "bundle", "kaggle-meta", "train", "predict"} <= set(commands)
+    for command in commands:
+        helped = run("-m", "lmsys_utils", command, "--help")
+        assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m lmsys_utils " + command), (
+            command, helped.stderr)
