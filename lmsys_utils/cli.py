@@ -119,7 +119,7 @@ def cmd_bundle(args) -> int:
     print(f"wrote {bundle.path}: {', '.join(sorted(p.name for p in bundle.path.iterdir()))}")
     if bundle.offline_check:
         print(f"offline dry run for the image: {bundle.offline_check}")
-    print(f"upload it as the Kaggle dataset {args.kaggle_user}/{args.slug}; the notebook installs with:\n"
+    print(f"upload it as the Kaggle dataset {bundle.dataset_id}; the notebook installs with:\n"
           f"  {bundle.install_line}")
     return 0
 

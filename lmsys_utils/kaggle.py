@@ -210,6 +210,8 @@ class Bundle:
     """The pip line the notebook runs with the dataset attached and internet off."""
     wheels: list[str]
     """File names of the wheels in the folder."""
+    dataset_id: str
+    """The Kaggle dataset id in its dataset-metadata.json."""
     offline_check: str = ""
     """The offline dry run's result against the image (empty without an image freeze)."""
 
@@ -253,6 +255,7 @@ def build_bundle(out_dir, packages=KAGGLE_MISSING, kaggle_user: str = "USERNAME"
         raise FileNotFoundError(f"no pyproject.toml in {root}: build the bundle from a clone of the project "
                                 "(python -m lmsys_utils bundle, run inside the checkout)")
     _check_dataset_slug(slug)
+    # the files keep their own licenses (this project: Apache-2.0)
     metadata = {"title": title, "id": f"{kaggle_user}/{slug}", "licenses": [{"name": "other"}]}
     image = read_freeze(image_freeze) if image_freeze else None
     target = _Target.of(image, python_version, platform, target_python, image_freeze) if image else None
@@ -272,13 +275,26 @@ def build_bundle(out_dir, packages=KAGGLE_MISSING, kaggle_user: str = "USERNAME"
         pinned = _download_missing(out, own, list(packages), image, target)
         line = install_line(slug, pinned, exact=True)
         check = check_offline(out, ["lmsys-utils", *pinned], image, target)
-    (out / "dataset-metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    metadata = _keep_dataset_id(out / "dataset-metadata.json", metadata, kaggle_user == "USERNAME")
     wheels = sorted(p.name for p in out.glob("*.whl"))
     (out / "INSTALL.txt").write_text(
         f"Attach this dataset to the notebook, then run (internet may be off):\n\n    {line}\n\n"
         f"Wheels: {', '.join(wheels)}\n" + (f"Offline dry run: {check}\n" if check else "") +
         f"Upload: kaggle datasets create -p {out}  (edit the id in dataset-metadata.json first)\n")
-    return Bundle(out, line, wheels, check)
+    return Bundle(out, line, wheels, metadata["id"], check)
+
+
+def _keep_dataset_id(path: Path, metadata: dict, default_user: bool) -> dict:
+    """Write the bundle's dataset-metadata.json, keeping one kaggle-meta (or the user) wrote when no user is given."""
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("id") != metadata["id"]:
+            if default_user:
+                return existing
+            raise ValueError(f"{path} names the dataset {existing.get('id')}, not {metadata['id']}: pass the same "
+                             "--kaggle-user and --slug as kaggle-meta, or remove the file")
+    path.write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
 
 
 def read_freeze(path) -> dict:

@@ -2,6 +2,7 @@
 virtual environment installs from it with no index; against an image freeze it resolves offline for that image."""
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -28,6 +29,10 @@ def _pypi_reachable() -> bool:
     except OSError:
         return False
 
+
+# the new environments must see only what was installed into them: with a checkout on PYTHONPATH, pip would
+# even find lmsys-utils "already satisfied" there and install nothing
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 needs_pypi = pytest.mark.skipif(not _pypi_reachable(),
                                 reason="building the wheel fetches setuptools and downloads wheels from PyPI")
@@ -272,14 +277,14 @@ def test_fresh_venv_installs_from_the_bundle_with_no_index(tmp_path):
         out / "INSTALL.txt").read_text()
 
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=CLEAN_ENV)
     new_python = venv / "bin" / "python"
     # this environment's pip installs into the new one; no index, so only the bundle can provide it
     subprocess.run([sys.executable, "-m", "pip", "--python", str(new_python), "install", "--quiet", "--no-index",
-                    "--no-deps", "--find-links", str(out), "lmsys-utils", "tqdm"], check=True)
+                    "--no-deps", "--find-links", str(out), "lmsys-utils", "tqdm"], check=True, env=CLEAN_ENV)
     done = subprocess.run([str(new_python), "-c", "import lmsys_utils, tqdm; print(lmsys_utils.__version__, "
                            "lmsys_utils.__file__, tqdm.__version__)"], capture_output=True, text=True,
-                          cwd=tmp_path, check=True)
+                          cwd=tmp_path, check=True, env=CLEAN_ENV)
     version, path, tqdm_version = done.stdout.split()
     assert version == "0.1.0" and path.startswith(str(venv)) and tqdm_version == "4.70.1"
 
@@ -290,16 +295,17 @@ def test_the_wheel_installs_in_a_fresh_venv_without_extras_and_every_command_run
     from lmsys_utils.cli import build_parser
 
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(tmp_path),
-                    str(ROOT)], check=True)
+                    str(ROOT)], check=True, env=CLEAN_ENV)
     wheel = next(tmp_path.glob("lmsys_utils-*.whl"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, env=CLEAN_ENV)
     python = str(venv / "bin" / "python")
     # torch 2.13.0: a CPU wheel on this project's machines (fast); pip would otherwise take the newest, with CUDA
-    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheel), "torch==2.13.0"], check=True)
+    subprocess.run([python, "-m", "pip", "install", "--quiet", str(wheel), "torch==2.13.0"], check=True,
+                   env=CLEAN_ENV)
 
     def run(*args):
-        return subprocess.run([python, *args], capture_output=True, text=True, cwd=tmp_path)
+        return subprocess.run([python, *args], capture_output=True, text=True, cwd=tmp_path, env=CLEAN_ENV)
 
     imported = run("-c", "import importlib.util, lmsys_utils.train, lmsys_utils.predict, lmsys_utils.kaggle; "
                          "print(lmsys_utils.__file__, importlib.util.find_spec('torch_xla'))")
@@ -316,3 +322,14 @@ def test_the_wheel_installs_in_a_fresh_venv_without_extras_and_every_command_run
         helped = run("-m", "lmsys_utils", command, "--help")
         assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m lmsys_utils " + command), (
             command, helped.stderr)
+
+
+def test_the_bundle_keeps_the_dataset_id_kaggle_meta_wrote(tmp_path):
+    kaggle.write_kaggle_meta("someone", tmp_path / "kaggle")
+    path = tmp_path / "kaggle" / "bundle" / "dataset-metadata.json"
+    written = path.read_text()
+    meta = {"title": "lmsys-utils wheels", "id": "USERNAME/lmsys-utils-wheels", "licenses": [{"name": "other"}]}
+    assert kaggle._keep_dataset_id(path, meta, default_user=True)["id"] == "someone/lmsys-utils-wheels"
+    with pytest.raises(ValueError, match="names the dataset someone/lmsys-utils-wheels, not other/lmsys-utils-wheels"):
+        kaggle._keep_dataset_id(path, {**meta, "id": "other/lmsys-utils-wheels"}, default_user=False)
+    assert path.read_text() == written
