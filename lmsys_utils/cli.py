@@ -143,17 +143,37 @@ def cmd_eda(args) -> int:
 
 
 def cmd_bundle(args) -> int:
-    from .bundle import KAGGLE_MISSING, build_bundle, install_line
+    from .kaggle import KAGGLE_MISSING, build_bundle
 
     packages = [] if args.no_packages else (args.package or list(KAGGLE_MISSING))
     try:
-        out = build_bundle(args.out, packages=packages, kaggle_user=args.kaggle_user, slug=args.slug)
+        bundle = build_bundle(args.out, packages=packages, kaggle_user=args.kaggle_user, slug=args.slug,
+                              image_freeze=args.image_freeze, python_version=args.python_version,
+                              platform=args.platform, target_python=args.target_python)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
-    print(f"upload it as the Kaggle dataset {args.kaggle_user}/{args.slug}; the notebook installs with:\n"
-          f"  {install_line(args.slug, packages)}")
+    print(f"wrote {bundle.path}: {', '.join(sorted(p.name for p in bundle.path.iterdir()))}")
+    if bundle.offline_check:
+        print(f"offline dry run for the image: {bundle.offline_check}")
+    print(f"upload it as the Kaggle dataset {bundle.dataset_id}; the notebook installs with:\n"
+          f"  {bundle.install_line}")
+    return 0
+
+
+def cmd_kaggle_meta(args) -> int:
+    from .kaggle import write_kaggle_meta
+
+    try:
+        written = write_kaggle_meta(args.user, args.out, notebooks_dir=args.notebooks, bundle_slug=args.bundle_slug,
+                                    adapter_slug=args.adapter_slug, model=args.model, force=args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for name, folder in written.items():
+        print(f"wrote {folder}/")
+    print(f"next: python -m lmsys_utils bundle --out {written['bundle']} --kaggle-user {args.user} "
+          f"--slug {args.bundle_slug}; then the kaggle commands in the README (Kaggle from the command line)")
     return 0
 
 
@@ -304,6 +324,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", action="append",
                    help="a package to bundle (repeatable; default: bitsandbytes and peft)")
     p.add_argument("--no-packages", action="store_true", help="bundle only this project's wheel")
+    p.add_argument("--image-freeze", metavar="FILE",
+                   help="`pip list --format=freeze` of the target Kaggle image (lmsys_utils.kaggle.image_freeze() "
+                        "prints one): bundle only what the image lacks, at versions that fit it, for its Python and "
+                        "platform, and prove the install line resolves offline")
+    p.add_argument("--python-version", help="the image's Python, e.g. 3.12 (default: the freeze's '# python:' line)")
+    p.add_argument("--platform", help="the image's platform tag (default: the freeze's '# platform:' line, else "
+                                      "manylinux_2_35_x86_64)")
+    p.add_argument("--target-python", metavar="PATH",
+                   help="an interpreter of the image's Python version for pip to run in, so that environment "
+                        "markers are evaluated for it (default: pythonX.Y on PATH when there is one)")
     p.set_defaults(func=cmd_bundle)
     p = sub.add_parser("extra-data", help="convert a public Arena preference set into extra training rows",
                        description="Read a hub dataset (lmarena-ai/arena-human-preference-55k, -100k, -140k, "
@@ -342,6 +372,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation folds (default: 0)")
     p.add_argument("--data", help="with --apply: the test CSV whose ids the submission must hold exactly")
     p.set_defaults(func=cmd_blend)
+
+    p = sub.add_parser("kaggle-meta", help="write Kaggle metadata for the three notebooks and the two datasets",
+                       description="Write, under --out, one folder per notebook (kernel-metadata.json and a copy of "
+                                   "the notebook whose inputs point at the attached sources) for `kaggle kernels "
+                                   "push -p`, and the dataset-metadata.json of the wheel bundle and of the adapter "
+                                   "for `kaggle datasets create -p`. Run it in a clone of the project.")
+    p.add_argument("--user", required=True, help="your Kaggle user name (kaggle.com/NAME)")
+    p.add_argument("--out", default="kaggle", help="output folder (default: kaggle)")
+    p.add_argument("--bundle-slug", default="lmsys-utils-wheels", help="slug of the wheel dataset")
+    p.add_argument("--adapter-slug", default="lmsys-llama3-lora", help="slug of the adapter dataset")
+    p.add_argument("--model", default="metaresearch/llama-3/transformers/8b-chat-hf/1",
+                   help="Kaggle Models source of the base model (owner/model/framework/variation/version)")
+    p.add_argument("--notebooks", help="the project's notebooks/ folder (default: the checkout's)")
+    p.add_argument("--force", action="store_true", help="replace files that differ from what would be written")
+    p.set_defaults(func=cmd_kaggle_meta)
     return parser
 
 

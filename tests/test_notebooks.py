@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmsys_utils.bundle import install_line
+from lmsys_utils.kaggle import install_line
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ["01_eda.ipynb", "02_train_tpu.ipynb", "03_inference.ipynb"]
