@@ -49,13 +49,14 @@ class Notebook:
     internet: bool
     """Internet on: training downloads from the hub; a submission must run with it off."""
     params: tuple[str, ...] = field(default=())
-    """Parameters-cell names the copy sets to the attached sources' mount paths."""
+    """Parameters-cell names the copy sets to the attached sources' mount paths; "CONFIG.field=KEY" sets a key
+    of the notebook's CONFIG dict to mount path KEY."""
 
 
 NOTEBOOKS = (
     Notebook("01_eda.ipynb", "lmsys-01-eda", "LMSYS 01 EDA", "none", "", True, ("TRAIN_CSV", "TOKENIZER")),
     Notebook("02_train_tpu.ipynb", "lmsys-02-train-tpu", "LMSYS 02 Train TPU", "tpu", "TpuV5E8", True,
-             ("BUNDLE", "TRAIN_CSV", "OUTPUT_DIR")),
+             ("BUNDLE", "CONFIG.train_path=TRAIN_CSV", "CONFIG.output_dir=OUTPUT_DIR")),
     Notebook("03_inference.ipynb", "lmsys-03-inference", "LMSYS 03 Inference", "gpu", "NvidiaTeslaT4", False,
              ("BUNDLE", "TEST_CSV", "MODEL", "ADAPTER")),
 )
@@ -142,8 +143,8 @@ def write_kaggle_meta(user: str, out_dir, notebooks_dir=None, bundle_slug: str =
     written = {}
     for nb in NOTEBOOKS:
         meta = kernel_metadata(user, nb, bundle_slug, adapter_slug, model)
-        notebook = _with_parameters(json.loads((src / nb.file).read_text()), {p: paths[p] for p in nb.params},
-                                    src / nb.file)
+        notebook = _with_parameters(json.loads((src / nb.file).read_text()),
+                                    {p.split("=")[0]: paths[p.split("=")[-1]] for p in nb.params}, src / nb.file)
         folder = out / nb.slug
         _write(folder / "kernel-metadata.json", json.dumps(meta, indent=2) + "\n", force)
         _write(folder / nb.file, json.dumps(notebook, indent=1, ensure_ascii=False) + "\n", force)
@@ -162,12 +163,17 @@ def _with_parameters(notebook: dict, values: dict, path: Path) -> dict:
     if len(where) != 1:
         raise ValueError(f"{path}: expected one cell tagged 'parameters', found {len(where)}")
     source = "".join(cells[where[0]]["source"])
-    unknown = [name for name in values if not re.search(rf"^{name} = ", source, re.MULTILINE)]
+    def is_set(name):  # NAME = ... at the top level, or a key of a dict set as `CONFIG = dict(key=...)`
+        top, _, key = name.partition(".")
+        return bool(re.search(rf"^{top} = ", source, re.M)) and (not key or bool(re.search(rf"^\s+{key}=", source, re.M)))
+
+    unknown = [name for name in values if not is_set(name)]
     if unknown:
         raise ValueError(f"{path}: the parameters cell does not set {', '.join(unknown)}; update "
                          "lmsys_utils.kaggle.NOTEBOOKS to the notebook's parameter names")
     lines = ["# Injected by `python -m lmsys_utils kaggle-meta`: the mount paths of the attached sources"]
-    lines += [f"{name} = {json.dumps(value)}" for name, value in values.items()]
+    lines += [f"{name} = {json.dumps(value)}" if "." not in name else
+              f'{name.split(".")[0]}["{name.split(".")[1]}"] = {json.dumps(value)}' for name, value in values.items()]
     injected = {"cell_type": "code", "execution_count": None, "id": "injected-parameters",
                 "metadata": {"tags": ["injected-parameters"]}, "outputs": [], "source": "\n".join(lines) + "\n"}
     for cell in cells:

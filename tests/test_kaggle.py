@@ -115,7 +115,8 @@ def test_kaggle_meta_writes_what_kaggles_own_push_and_create_accept(tmp_path, ka
     assert 'ADAPTER = "/kaggle/input/lmsys-llama3-lora"' in injected["source"]
     assert 'MODEL = "/kaggle/input/llama-3/transformers/8b-chat-hf/1"' in injected["source"]
     train_source = "".join(c["source"] for c in json.loads(train.text)["cells"])
-    assert f'OUTPUT_DIR = "{kaggle.TRAIN_OUTPUT}"' in train_source
+    assert f'CONFIG["output_dir"] = "{kaggle.TRAIN_OUTPUT}"' in train_source
+    assert 'CONFIG["train_path"] = "/kaggle/input/lmsys-chatbot-arena/train.csv"' in train_source
     original = json.loads((ROOT / "notebooks" / "03_inference.ipynb").read_text())["cells"]
     assert len(cells) == len(original) + 1
 
