@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -350,6 +351,19 @@ def image_freeze() -> str:
     text = (f"# python: {sys.version.split()[0]}\n# platform: {platform}\n" + done.stdout)
     print(text, end="")
     return text
+
+
+def keep_pins(*names: str, path="/tmp/keep-image.txt") -> str:
+    """Write pip constraints that pin the image's installed versions of `names` (e.g. its torch/torch_xla pair,
+    which a newer torch would break); return the file's path for `pip install -c`."""
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    Path(path).write_text("".join(pin + "\n" for pin in pins))
+    return str(path)
 
 
 def pip_install(*args: str) -> None:

@@ -37,16 +37,34 @@ def test_notebook_is_a_recipe_with_stripped_outputs(name):
 
 def test_inference_notebook_installs_with_the_bundles_exact_line():
     source = "\n".join("".join(c["source"]) for c in _cells("03_inference.ipynb"))
-    line = re.search(r"%(pip install --no-index [^\n]*)", source).group(1)
-    assert line.replace("{BUNDLE}", "/kaggle/input/lmsys-utils-wheels") == install_line()
+    args = re.search(r'pip_install\(([^)]*)\)', source).group(1)
+    words = [w.strip().strip('"') for w in args.split(",")]
+    line = "pip install " + " ".join("/kaggle/input/lmsys-utils-wheels" if w == "BUNDLE" else w for w in words)
+    assert line == install_line()
     assert 'BUNDLE = "/kaggle/input/lmsys-utils-wheels"' in source
     assert 'OUT = "/kaggle/working/submission.csv"' in source
 
 
-def test_training_notebook_keeps_the_images_torch_pair():
-    source = "\n".join("".join(c["source"]) for c in _cells("02_train_tpu.ipynb"))
-    assert "-c /tmp/keep-torch.txt" in source and "torch(-xla|_xla)?==" in source
-    assert "find_token()" in source and "print(TOKEN)" not in source
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_install_cells_stop_on_a_failed_install_and_keep_the_images_torch(name):
+    source = "\n".join("".join(c["source"]) for c in _cells(name))
+    assert "%pip" not in source and "!pip" not in source  # a failed %pip only prints, and the notebook runs on
+    assert "pip_install(" in source and "if not SMOKE:" in source
+    if name != "03_inference.ipynb":  # internet on: the image's torch (and torch_xla) pair is pinned
+        assert "image_freeze()" in source and 'keep_pins("torch"' in source
+    if name == "02_train_tpu.ipynb":
+        assert 'keep_pins("torch", "torch_xla")' in source
+        assert "find_token()" in source and "print(TOKEN)" not in source
+
+
+def test_pip_install_raises_with_pips_own_message(tmp_path):
+    from lmsys_utils.kaggle import keep_pins, pip_install
+
+    with pytest.raises(RuntimeError, match="no-such-package-lmsys"):
+        pip_install("--no-index", "--find-links", str(tmp_path), "no-such-package-lmsys")
+    pins = (tmp_path / "keep.txt")
+    keep_pins("torch", "not-installed-at-all", path=pins)
+    assert pins.read_text().startswith("torch==") and "not-installed" not in pins.read_text()
 
 
 @pytest.mark.slow
