@@ -9,6 +9,9 @@ import json
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
 TOKEN_ENV_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 KAGGLE_MODEL_EXAMPLE = "/kaggle/input/llama-3/transformers/8b-chat-hf/1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
@@ -59,10 +62,6 @@ def _kaggle_secret(name: str) -> str | None:
 def _stored_login() -> str | None:
     # The file `hf auth login` writes; read directly because get_token() would consult the environment again.
     try:
-        from huggingface_hub import constants
-    except ImportError:
-        return None
-    try:
         return Path(constants.HF_TOKEN_PATH).read_text().strip() or None
     except OSError:
         return None
@@ -109,10 +108,6 @@ def _check_local(path: Path) -> str:
 
 
 def _check_hub(repo_id: str, token: str | None, source: str, endpoint: str | None) -> str:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError)
-
     page = f"https://huggingface.co/{repo_id}"
     offline = (f"cannot reach the Hugging Face Hub to check {repo_id} (no internet, e.g. a Kaggle submission): "
                f"use a local model folder instead, such as a Kaggle Models input like {KAGGLE_MODEL_EXAMPLE}")

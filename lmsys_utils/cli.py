@@ -1,4 +1,7 @@
-"""Command line: python -m lmsys_utils {demo,check-data,...}. Errors are one line and a non-zero exit."""
+"""Command line: python -m lmsys_utils {demo,check-data,...}. Errors are one line and a non-zero exit.
+
+Each command imports what it uses inside its function, so `--help` and `check-data` start without torch.
+"""
 
 from __future__ import annotations
 
@@ -400,12 +403,11 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     from .auth import AccessError
-    from .memory import DoesNotFitError
 
     try:
         return args.func(args)
     # errors a user can cause (bad file, no access, a setup that cannot fit) carry their own fix: no traceback
-    except (ValueError, AccessError, DoesNotFitError) as e:
+    except (ValueError, AccessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:

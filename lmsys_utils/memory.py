@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
+from transformers import AutoConfig, AutoModelForSequenceClassification, PretrainedConfig
+
+from .auth import resolve_token
 
 from .batching import rows_per_batch
 from .device import DEFAULT_DTYPES, check_quantization
+from .model import LORA_TARGETS
 
 GB = 1e9
 HBM_GB = 16 * 2**30 / GB
@@ -36,7 +45,7 @@ INPUT_GROUPS = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "
                 "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "mlp_mid"}
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(ValueError):
     """The planned setup needs more memory than the target has; the message says what to change."""
 
 
@@ -75,8 +84,6 @@ class MemoryPlan:
 
 def load_config(config_or_path, token: str | None = None):
     """A transformers config from a config object, a local dir / config.json, or a hub id (config.json only)."""
-    from transformers import AutoConfig, PretrainedConfig
-
     if isinstance(config_or_path, PretrainedConfig):
         return config_or_path
     path = Path(str(config_or_path)).expanduser()
@@ -84,8 +91,6 @@ def load_config(config_or_path, token: str | None = None):
         if path.is_dir() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"no config.json in {path}: point at the model folder that holds it")
         return AutoConfig.from_pretrained(str(path))
-    from .auth import resolve_token
-
     try:
         return AutoConfig.from_pretrained(str(config_or_path), token=resolve_token(token))
     except OSError as e:
@@ -107,11 +112,6 @@ def architecture(config_or_path, token: str | None = None) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _architecture(config_json: str) -> tuple:
-    import json
-
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     raw = json.loads(config_json)
     config = AutoConfig.for_model(raw.pop("model_type"), **raw)
     config.num_labels = 3
@@ -149,10 +149,6 @@ def _architecture(config_json: str) -> tuple:
 
 def default_lora_targets(model_type: str) -> tuple:
     """The module names `model.add_lora` adapts by default for an architecture."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_defaults
-
-    from .model import LORA_TARGETS
-
     return tuple(LORA_TARGETS.get(model_type) or peft_defaults.get(model_type, ()))
 
 
@@ -179,8 +175,6 @@ def _available_ram_gb() -> float:
                 return int(line.split()[1]) * 1024 / GB
     except OSError:
         pass
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
 
 
@@ -419,8 +413,6 @@ def check_fits(plan: MemoryPlan, force: bool = False) -> MemoryPlan:
     if not force:
         raise DoesNotFitError(message + "\nchange the setup as suggested, or force it (force=True / --force) "
                                         "to try anyway")
-    import warnings
-
     warnings.warn(message + "\n(forced: trying anyway)", stacklevel=2)
     return plan
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import LABEL_COLUMNS, to_competition_csv
+from .data import ID2LABEL, LABEL2ID, LABEL_COLUMNS, to_competition_csv
 
 _TOPICS = [
     "sorting a list in Python", "the water cycle", "baking sourdough bread", "the French Revolution",
@@ -103,12 +103,12 @@ def write_demo_data(out_dir, n_train: int = 800, n_test: int = 100, seed: int = 
 # tiny configs of each architecture family the best solutions used; every one loads through the same
 # `from_pretrained` path as the real model, with LoRA targets, pad token and score head chosen the same way
 _TINY_ARCHITECTURES = {
-    "llama": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False),
-    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False),
-    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False),
-    "gemma2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "gemma2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                    query_pre_attn_scalar=16, sliding_window=64),
-    "bert": dict(num_attention_heads=4, intermediate_size=128, type_vocab_size=1),
+    "bert": dict(num_attention_heads=4, type_vocab_size=1),
 }
 ARCHITECTURES = tuple(_TINY_ARCHITECTURES)
 
@@ -120,11 +120,10 @@ def build_tiny_model(out_dir, texts=None, vocab_size: int = 1000, hidden_size: i
     It loads through the same `from_pretrained` path as a real model, so tests, smoke runs and the demo
     exercise the real code. `texts` trains the tokenizer (default: the demo data's text).
     """
+    # here, not at the top: the demo data (check-data, eda) must not need torch
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerFast
-
-    from .data import ID2LABEL, LABEL2ID
 
     if architecture not in _TINY_ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}: use one of {', '.join(ARCHITECTURES)}")
@@ -147,8 +146,8 @@ def build_tiny_model(out_dir, texts=None, vocab_size: int = 1000, hidden_size: i
     torch.manual_seed(seed)
     config = AutoConfig.for_model(
         architecture, vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        max_position_embeddings=4096, num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        intermediate_size=2 * hidden_size, max_position_embeddings=4096, num_labels=3, id2label=ID2LABEL,
+        label2id=LABEL2ID, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **_TINY_ARCHITECTURES[architecture])
     AutoModelForSequenceClassification.from_config(config).save_pretrained(out_dir)
     return out_dir
