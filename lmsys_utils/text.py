@@ -24,7 +24,7 @@ def format_row(prompt, response_a, response_b, template: Template = DEFAULT_TEMP
 
 def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: float = DEFAULT_ENCODING.prompt_share,
                 keep_tail: int = DEFAULT_ENCODING.keep_tail, template: Template = DEFAULT_TEMPLATE, chunk_rows: int = 4096, return_stats: bool = False):
-    """Token ids of every row: BOS once, markers intact, at most `max_length` ids, no padding.
+    """Token ids of every row: BOS (CLS on encoders) once, markers intact, at most `max_length` ids, no padding.
 
     A row that is too long shares the budget: the prompt takes at most `prompt_share` of it, response A
     and response B get equal shares, and what a short part leaves goes to the others; so no non-empty
@@ -46,7 +46,10 @@ def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: floa
     if missing:
         raise ValueError(f"encode_rows needs columns {', '.join(PARTS)}; missing {', '.join(missing)}")
     markers = _marker_ids(tokenizer, template)
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    # decoders open with BOS; encoders (BERT family) have none and open with CLS, the token their pooler and
+    # classification head read
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    bos = [] if start is None else [start]
     if len(bos) + markers["first_round"] + 3 > max_length:
         raise ValueError(f"max_length={max_length} cannot hold the template's markers "
                          f"({markers['first_round']} tokens) and one token per part; raise max_length")
