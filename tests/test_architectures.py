@@ -96,8 +96,11 @@ def run(request, demo_csvs, tmp_path_factory):
 def test_training_lowers_the_loss_and_the_adapter_predicts(run):
     losses = run["history"]["loss"]
     assert len(losses) == STEPS and np.isfinite(losses).all()
-    # epoch 3 revisits the rows of epoch 1: a model that learns fits them better
-    assert np.mean(losses[-6:]) < np.mean(losses[:6]), losses
+    if run["arch"] in DECODERS:
+        # epoch 3 revisits the rows of epoch 1: a model that learns fits them better. The tiny BERT, random and
+        # bidirectional, stays near the class prior in 18 steps (bench/architectures.py: 1.108 -> 1.090), so for
+        # it the checks below (trained LoRA, changed predictions) are what counts
+        assert np.mean(losses[-6:]) < np.mean(losses[:6]) - 0.1, losses
     check_submission(run["tuned"], run["test_path"])
     check_submission(run["base"], run["test_path"])
     tuned, base = (run[k][list(LABEL_COLUMNS)].to_numpy() for k in ("tuned", "base"))
