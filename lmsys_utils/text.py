@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pandas as pd
 
 from .config import DEFAULT_ENCODING, Template
@@ -22,7 +24,7 @@ def format_row(prompt, response_a, response_b, template: Template = DEFAULT_TEMP
 
 def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: float = DEFAULT_ENCODING.prompt_share,
                 keep_tail: int = DEFAULT_ENCODING.keep_tail, template: Template = DEFAULT_TEMPLATE, chunk_rows: int = 4096, return_stats: bool = False):
-    """Token ids of every row: BOS once, markers intact, at most `max_length` ids, no padding.
+    """Token ids of every row: BOS (CLS on encoders) once, markers intact, at most `max_length` ids, no padding.
 
     A row that is too long shares the budget: the prompt takes at most `prompt_share` of it, response A
     and response B get equal shares, and what a short part leaves goes to the others; so no non-empty
@@ -44,7 +46,10 @@ def encode_rows(tokenizer, df: pd.DataFrame, max_length: int, prompt_share: floa
     if missing:
         raise ValueError(f"encode_rows needs columns {', '.join(PARTS)}; missing {', '.join(missing)}")
     markers = _marker_ids(tokenizer, template)
-    bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    # decoders open with BOS; encoders (BERT family) have none and open with CLS, the token their pooler and
+    # classification head read
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else getattr(tokenizer, "cls_token_id", None)
+    bos = [] if start is None else [start]
     if len(bos) + markers["first_round"] + 3 > max_length:
         raise ValueError(f"max_length={max_length} cannot hold the template's markers "
                          f"({markers['first_round']} tokens) and one token per part; raise max_length")
@@ -103,11 +108,34 @@ def _rounds(prompt, response_a, response_b) -> list[tuple[str, str, str]]:
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens, never padded or truncated (budgets cut later, per part)."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if getattr(tokenizer, "is_fast", False) and hasattr(backend, "encode_batch_fast"):
-        # the Rust backend without offsets: the same ids as tokenizer(texts), less work per token
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if getattr(tokenizer, "is_fast", False) and hasattr(backend, "encode_batch"):
+        # the Rust backend: the same ids as tokenizer(texts), less work per token (no offsets with
+        # encode_batch_fast, tokenizers 0.20+); it applies the padding and truncation a tokenizer.json stores
+        # (all-MiniLM-L6-v2: 128), which tokenizer(texts, padding=False) would switch off, so switch them off
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        with _without_padding_and_truncation(backend):
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False,
+                     return_attention_mask=False)["input_ids"]
+
+
+@contextlib.contextmanager
+def _without_padding_and_truncation(backend):
+    """Switch off a Rust tokenizer's stored padding and truncation, and restore them after (the caller's object)."""
+    padding, truncation = backend.padding, backend.truncation
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
+        yield backend
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
 def _marker_ids(tokenizer, template: Template) -> dict:
