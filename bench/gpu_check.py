@@ -104,8 +104,8 @@ def main() -> int:
     print("3. bitsandbytes weights on the GPU: prediction and QLoRA training")
     for quantization, tolerance in (("8bit", 0.05), ("4bit", 0.15)):
         out = work / f"{quantization}.csv"
-        quantized = predict(test_csv, str(model_dir), adapter=adapter, out=out, quantization=quantization,
-                            progress=False)
+        quantized = predict(test_csv, str(model_dir), adapter=adapter, out=out, tta=True,
+                            quantization=quantization, progress=False)
         q_diff = np.abs(quantized.iloc[:, 1:].to_numpy() - probs_of(work / "gpu.csv")).max()
         hist = train(dataclasses.replace(config, output_dir=str(work / f"q{quantization}"), quantization=quantization,
                                          max_steps=20, epochs=1), progress_file=io.StringIO())
