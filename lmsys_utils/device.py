@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 
@@ -286,11 +287,12 @@ def enable_gradient_checkpointing(model, kind: str) -> None:
 
 def decoder_layer_classes(model) -> tuple:
     """The classes of the model's repeated blocks (decoder layers; BERT's encoder layers): the classes named in
-    transformers' `_no_split_modules` whose instances sit in a ModuleList."""
+    transformers' `_no_split_modules` whose instances are items of a ModuleList."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or ())
-    classes = {type(layer) for m in model.modules() if isinstance(m, torch.nn.ModuleList) for layer in m
-               if type(layer).__name__ in names}
+    # a list item's name ends in its index (after sharding, in the index and the FSDPv2 wrapper's attribute)
+    classes = {type(m) for name, m in model.named_modules()
+               if type(m).__name__ in names and re.search(r"\.\d+(\._orig_module)?$", name)}
     if not classes:
         raise ValueError(f"{type(base).__name__} names no decoder-layer class (_no_split_modules={sorted(names)}); "
                          "sharding per layer and gradient checkpointing need one: use a transformers model")
