@@ -419,8 +419,8 @@ class CompileWatch:
         self.warning = (
             f"XLA compiled {extra} new graph(s) after warm-up (noticed at step {step}); each costs a compile "
             "(minutes on a TPU). Likely cause: a batch whose shape is none of the bucket shapes (pad batches to "
-            "the bucket lengths and drop the last partial batch), a host read of a device tensor inside the step (.item(), float(), print), "
-            "or a Python value that changes each step traced into the graph.")
+            "the bucket lengths and drop the last partial batch), a host read of a device tensor inside the step "
+            "(.item(), float(), print), or a Python value that changes each step traced into the graph.")
         warnings.warn(self.warning, stacklevel=2)
         return self.warning
 

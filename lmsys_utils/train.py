@@ -111,7 +111,9 @@ def setup(model, tokenizer, train_df: pd.DataFrame, valid_df: pd.DataFrame | Non
                          "batch is split over; change Config.batch_size")
     # XLA compiles one graph per shape: batches are padded to a few lengths that fit the training rows
     lengths = [len(s) for s in train_seqs]
-    buckets = choose_buckets(lengths, config.max_length, config.length_buckets) if runtime.padding == "buckets" else None
+    buckets = None
+    if runtime.padding == "buckets":
+        buckets = choose_buckets(lengths, config.max_length, config.length_buckets)
     per_epoch = num_train_batches(len(train_seqs), config.batch_size, lengths, buckets, config.grad_accum)
     if per_epoch == 0:
         raise ValueError(f"{len(train_seqs)} training rows make no full batch of batch_size={config.batch_size}; "

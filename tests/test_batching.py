@@ -161,7 +161,8 @@ def test_bucketed_batches_keep_a_step_in_one_bucket_and_resume_exactly():
             seen.append(tuple(ids[mask.bool()].tolist()))
     assert len(seen) == len(set(seen))  # each row at most once
     # a row moves up to a longer bucket only when its own has no full step left: so most sit in their own
-    own = sum(b["input_ids"].shape[1] == bucket_length(int(m.sum()), buckets) for b in first for m in b["attention_mask"])
+    own = sum(b["input_ids"].shape[1] == bucket_length(int(m.sum()), buckets)
+              for b in first for m in b["attention_mask"])
     assert own >= len(seen) - len(buckets) * batch_size * group
     # buckets are shuffled across the epoch (not all short ones first), deterministic by (seed, epoch)
     assert widths != sorted(widths) and widths != sorted(widths, reverse=True)

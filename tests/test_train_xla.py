@@ -72,8 +72,8 @@ def test_spmd_on_4_devices_matches_one_device(tiny_model_dir, tmp_path):
     assert len(layer_weights) == 2 * 7  # q, k, v, o, gate, up, down of each layer
     for name, spec in layer_weights.items():  # split 4 ways over the fsdp axis
         assert spec.startswith("{devices=[") and "0,1,2,3}" in spec, (name, spec)
-    trainable = {n: s for n, s in spmd["sharding"].items() if "lora_" in n or ".score." in n}
-    assert trainable and set(trainable.values()) == {"{replicated}"}, trainable
+    trainable = {n: spmd["sharding"][n] for n in spmd["trainable"]}  # LoRA A/B and the score head
+    assert len(trainable) == 17 and set(trainable.values()) == {"{replicated}"}, trainable
     one = fit_run(tiny_model_dir, tmp_path / "one", "cpu")
     np.testing.assert_allclose(spmd["loss"], one["loss"], rtol=0, atol=1e-4)
     assert spmd["eval"][-1]["log_loss"] == pytest.approx(one["eval"][-1]["log_loss"], abs=1e-4)

@@ -6,11 +6,12 @@ Usage: PJRT_DEVICE=CPU [CPU_NUM_DEVICES=4] python tests/xla_worker.py JOB MODEL_
 with JOB one of fit, guard, checkpointing, buckets, checkpoint, cache.
 """
 
+import dataclasses
 import io
-from pathlib import Path
 import json
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,8 @@ def lora_model(model_dir, tokenizer, kind, dtype, dropout):
 def fit_run(model_dir, out_dir, kind: str) -> dict:
     """6 fp32 steps without dropout: the same numbers on 4 SPMD devices, one XLA device or eager CPU."""
     runtime = dev.resolve(kind, "fp32")  # SPMD on before the first XLA tensor
+    # the same batches as XLA draws (bucketed, here one bucket of max_length) on the CPU too
+    runtime = dataclasses.replace(runtime, padding="buckets")
     tokenizer = load_tokenizer(model_dir)
     model = lora_model(model_dir, tokenizer, kind, "fp32", 0.0)
     config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, grad_accum=1, lr=5e-3,
@@ -50,6 +53,7 @@ def fit_run(model_dir, out_dir, kind: str) -> dict:
 
         spec = torch_xla._XLAC._get_xla_sharding_spec
         history["sharding"] = {n: spec(p) for n, p in model.named_parameters()}
+        history["trainable"] = [n for n, p in model.named_parameters() if p.requires_grad]
         history["layer_classes"] = [c.__name__ for c in dev.decoder_layer_classes(model)]
         history["wrapped_layers"] = sorted(n for n, m in model.named_modules() if type(m).__name__ ==
                                            "SpmdFullyShardedDataParallel")
@@ -153,7 +157,7 @@ def checkpoint_run(model_dir, out_dir) -> dict:
     config = Config(train_path="unused", output_dir=str(out_dir), max_length=64, batch_size=8, grad_accum=1, lr=5e-3,
                     warmup_steps=2, max_steps=4, log_every=2, eval_every=None, save_every=None, lora_r=4,
                     lora_alpha=8, lora_dropout=0.0, seed=0, dtype="fp32")
-    train_df, valid_df = demo_split(96, seed=1)
+    train_df, _ = demo_split(96, seed=1)
     state = setup(model, tokenizer, train_df, None, config, runtime)
     fit(state, config, io.StringIO())  # its last step saves once: warms up the save path
     runtime.wait()
