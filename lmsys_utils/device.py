@@ -16,7 +16,9 @@ import importlib.metadata
 import importlib.util
 import os
 import random
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -47,6 +49,8 @@ class Runtime:
     """Whether this process prints and writes (process 0 of a multi-host TPU slice or torchrun)."""
     padding: str = "dynamic"
     """"buckets": a few fixed lengths, one compiled graph each (XLA); "dynamic": pad to the longest row."""
+    watchers: list = dataclasses.field(default_factory=list, repr=False, compare=False)
+    """The running loop's CompileWatch (XLA), told of every batch sent to the device and every sync."""
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -67,7 +71,10 @@ class Runtime:
         if self.kind == "xla":
             import torch_xla
 
+            before = compile_count() if any(w.pending for w in self.watchers) else None
             torch_xla.sync()
+            for w in self.watchers:
+                w.synced(before)
 
     def wait(self) -> None:
         """Block until queued device work is done (only for timing; never in the hot loop)."""
@@ -88,30 +95,54 @@ class Runtime:
 
             for v in batch.values():
                 xs.mark_sharding(v, mesh, (MESH_AXES,) + (None,) * (v.dim() - 1))
+        for w in self.watchers:
+            w.saw(batch)
         return batch
 
     def prepare_model(self, model):
-        """Move the model to the device; under SPMD wrap it in FSDPv2 (weights sharded over the fsdp axis).
+        """Move the model to the device; under SPMD shard it with FSDPv2, one wrapper per decoder layer (as
+        torch_xla's FSDPv2 guide does), so weights are gathered and activations kept layer by layer.
 
-        Returns the module to call for forward passes; keep the original for saving adapters.
+        Trainable weights (LoRA, score head: ~14M of an 8B model's parameters) stay replicated: a checkpoint
+        then reads them without gathering shards. The model's state_dict keeps its unwrapped names, so adapters
+        and checkpoints load on an unwrapped model. Returns the module to call for forward passes; keep the
+        original for saving adapters.
         """
         mesh = setup_spmd() if self.kind == "xla" else None
         if mesh is None:
             return model.to(self.device)
         import torch_xla.distributed.spmd as xs
-        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel
+        from torch_xla.distributed.fsdp.wrap import transformer_auto_wrap_policy
+        from torch_xla.experimental.spmd_fully_sharded_data_parallel import SpmdFullyShardedDataParallel as FSDPv2
 
         def shard_logits(output, mesh):
             # the wrapper's default only knows plain tensors; transformers returns an output object
             xs.mark_sharding(output.logits, mesh, (MESH_AXES, None))
 
-        return SpmdFullyShardedDataParallel(model.to(self.device), mesh=mesh, shard_output=shard_logits)
+        def shard_hidden(output, mesh):
+            # a decoder layer returns its hidden states (a tensor in transformers 5, a tuple before)
+            hidden = output[0] if isinstance(output, tuple) else output
+            xs.mark_sharding(hidden, mesh, (MESH_AXES,) + (None,) * (hidden.dim() - 1))
+
+        def wrap_layer(module, *args, **kwargs):
+            wrapped = FSDPv2(module, *args, **{**kwargs, "shard_output": shard_hidden})
+            _keep_state_dict_names(wrapped)
+            return wrapped
+
+        model = model.to(self.device)
+        for p in model.parameters():
+            if p.requires_grad:  # FSDPv2 leaves tensors that already carry a sharding alone
+                xs.mark_sharding(p, mesh, (None,) * p.dim())
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model))
+        return FSDPv2(model, mesh=mesh, shard_output=shard_logits, auto_wrap_policy=policy,
+                      auto_wrapper_callable=wrap_layer)
 
 
-def resolve(device: str | None = "auto", dtype="auto") -> Runtime:
+def resolve(device: str | None = "auto", dtype="auto", compile_cache=None) -> Runtime:
     """The run's Runtime from its settings: `device` auto | xla | cuda | cpu, `dtype` auto | bf16 | fp16 | fp32.
 
-    On XLA this also switches SPMD on (several devices), which must happen before any XLA tensor exists.
+    On XLA this also switches SPMD on (several devices), which must happen before any XLA tensor exists, and
+    opens the persistent compile cache in the folder `compile_cache` (None: off; see `open_compile_cache`).
     """
     kind = detect() if device in (None, "auto") else device
     if kind not in DEFAULT_DTYPES:
@@ -122,12 +153,36 @@ def resolve(device: str | None = "auto", dtype="auto") -> Runtime:
         import torch_xla
         import torch_xla.runtime as xr
 
+        if compile_cache:
+            open_compile_cache(compile_cache)
         mesh = setup_spmd()
         return Runtime("xla", torch_xla.device(), torch_dtype, shards=1 if mesh is None else int(mesh.size()),
                        main=xr.process_index() == 0, padding="buckets")
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda, but torch sees no GPU: use device=auto or device=cpu")
     return Runtime(kind, torch.device(kind), torch_dtype, main=int(os.environ.get("RANK", "0")) == 0)
+
+
+def open_compile_cache(folder) -> bool:
+    """Keep XLA's compiled graphs in `folder` so that a later process (a resumed Kaggle session) can reuse them.
+
+    torch_xla reads the setting when the process compiles its first graph (creating tensors does not count);
+    after that the cache is fixed for the process: returns False (and warns when `folder` differs) then.
+    Note: torch_xla up to at least 2.9 writes the cache but fails to read executables back on TPU and CPU
+    (pytorch/xla#9094; metric PersistentCacheDeserializeFailure); `CompileWatch` warns when that happens.
+    """
+    import torch_xla
+    import torch_xla.runtime as xr
+
+    folder = str(Path(folder).resolve())
+    if torch_xla._XLAC._xla_computation_cache_is_initialized():
+        if os.environ.get("XLA_PERSISTENT_CACHE_PATH") != folder:
+            warnings.warn(f"XLA already compiled in this process, so its compile cache cannot move to {folder} "
+                          "now; set compile_cache before anything runs on the device (restart the notebook)")
+        return False
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    xr.initialize_cache(folder, readonly=False)
+    return True
 
 
 def resolve_dtype(dtype, kind: str) -> torch.dtype:
@@ -200,19 +255,25 @@ def setup_spmd():
 def enable_gradient_checkpointing(model, kind: str) -> None:
     """Recompute each decoder layer's activations in the backward pass (less memory, ~30% slower).
 
-    transformers' `gradient_checkpointing_enable()` fails on XLA (it looks up `torch.xla`), so the checkpoint
-    function is set on the layers directly: torch_xla's own on XLA, torch's elsewhere.
+    On XLA each decoder layer's forward is wrapped with torch_xla's `checkpoint_module` (what its FSDPv2 guide
+    puts inside each layer's wrapper): it hands torch_xla's checkpoint a bound method, so the layer's weights
+    join the optimization barrier that keeps XLA from merging the recomputation into the forward pass.
+    transformers' own `gradient_checkpointing_enable()` fails on XLA (it looks up `torch.xla`), and its
+    per-layer function is a `functools.partial`, which loses that barrier. Elsewhere torch's checkpoint.
     """
     if kind == "xla":
-        from torch_xla.utils.checkpoint import checkpoint
+        from torch_xla.distributed.fsdp.utils import checkpoint_module
 
-        func = functools.partial(checkpoint, use_reentrant=True)
+        classes = decoder_layer_classes(model)
+        for module in model.modules():
+            if isinstance(module, classes):
+                checkpoint_module(module)
         # reentrant checkpointing only back-propagates into layers whose inputs require grad (LoRA freezes embeddings)
         model.enable_input_require_grads()
-    else:
-        from torch.utils.checkpoint import checkpoint
+        return
+    from torch.utils.checkpoint import checkpoint
 
-        func = functools.partial(checkpoint, use_reentrant=False)
+    func = functools.partial(checkpoint, use_reentrant=False)
     found = False
     for module in model.modules():
         if hasattr(module, "gradient_checkpointing"):
@@ -222,6 +283,54 @@ def enable_gradient_checkpointing(model, kind: str) -> None:
     if not found:
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing; set "
                          "gradient_checkpointing=False")
+
+
+def decoder_layer_classes(model) -> tuple:
+    """The classes of the model's repeated blocks (decoder layers; BERT's encoder layers): the classes named in
+    transformers' `_no_split_modules` whose instances are items of a ModuleList."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or ())
+    # a list item's name ends in its index (after sharding, in the index and the FSDPv2 wrapper's attribute)
+    classes = {type(m) for name, m in model.named_modules()
+               if type(m).__name__ in names and re.search(r"\.\d+(\._orig_module)?$", name)}
+    if not classes:
+        raise ValueError(f"{type(base).__name__} names no decoder-layer class (_no_split_modules={sorted(names)}); "
+                         "sharding per layer and gradient checkpointing need one: use a transformers model")
+    return tuple(classes)
+
+
+def _keep_state_dict_names(wrapper) -> None:
+    """Hide an FSDPv2 layer wrapper from state_dict names ("layers.0._orig_module.x" -> "layers.0.x"), both
+    ways, so adapters and checkpoints written from a sharded model load on a plain one and back."""
+    inner = "_orig_module."
+
+    def drop(module, state_dict, prefix, local_metadata):
+        for key in [k for k in state_dict if k.startswith(prefix + inner)]:
+            state_dict[prefix + key[len(prefix + inner):]] = state_dict.pop(key)
+
+    def add(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + inner)]:
+            state_dict[prefix + inner + key[len(prefix):]] = state_dict.pop(key)
+
+    wrapper.register_state_dict_post_hook(drop)
+    wrapper.register_load_state_dict_pre_hook(add)
+
+
+def to_cpu(obj, kind: str):
+    """A nested structure (dicts, lists, tuples) of tensors with every tensor copied to the CPU; on XLA all of
+    them in one device-to-host transfer (one per tensor otherwise: ~900 for an 8B model's adapter and optimizer)."""
+    if kind == "xla":
+        import torch_xla.core.xla_model as xm
+
+        # xm.save's own path: syncs pending work once, then fetches every XLA tensor in one call
+        return xm._maybe_convert_to_cpu(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v, kind) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v, kind) for v in obj)
+    return obj
 
 
 def compile_count() -> int:
@@ -244,29 +353,61 @@ def transfer_count() -> int:
 
 
 class CompileWatch:
-    """Tells the compiles XLA is expected to do (warm-up steps, a new batch shape, the first evaluation) from
-    recompiles, which cost minutes each on a TPU, and warns once with the likely cause. Off XLA it does nothing.
+    """Tells the compiles XLA is expected to do from recompiles, which cost minutes each on a TPU, and warns
+    once with the likely cause. Off XLA it does nothing.
+
+    Expected: every compile of the warm-up steps; after them, the step that first sends a training batch of a
+    bucket width (one graph per bucket); the first evaluation of each row set (one graph per bucket width).
     """
 
-    def __init__(self, runtime: Runtime):
+    def __init__(self, runtime: Runtime, widths=None):
+        """`widths`: the bucket lengths training batches are padded to (None: one fixed shape)."""
         self.on = runtime.kind == "xla"
+        self.widths = set(widths or ())
         self.expected = None
         self.warning = None
-        self._eval_seen = False
+        self.pending = False
+        """A new bucket's batch went to the device: the next sync's compiles are expected."""
+        self._shapes, self._evals = set(), set()
+        if self.on:
+            runtime.watchers[:] = [self]
 
     def warmed_up(self) -> None:
-        """Every compile so far was expected (the first steps, or the first steps of a new batch shape)."""
-        if self.on:
-            self.expected = compile_count()
+        """Every compile so far was expected (the first steps)."""
+        if not self.on:
+            return
+        self.expected, self._shapes = compile_count(), set()
+        import torch_xla.debug.metrics as met
+
+        if met.counter_value("PersistentCacheDeserializeFailure"):
+            warnings.warn(f"XLA's compile cache in {os.environ.get('XLA_PERSISTENT_CACHE_PATH')} holds graphs this "
+                          "torch_xla cannot read back (pytorch/xla#9094), so it recompiled them; set "
+                          "compile_cache=None to stop writing it", stacklevel=2)
+
+    def saw(self, batch: dict) -> None:
+        """A batch goes to the device (Runtime.to_device): the first training batch of a bucket width after
+        warm-up makes the next sync's compiles expected."""
+        if self.expected is None or "labels" not in batch:
+            return
+        shape = tuple(batch["input_ids"].shape)
+        if shape[-1] in self.widths and shape not in self._shapes:
+            self._shapes.add(shape)
+            self.pending = True
+
+    def synced(self, before: int | None) -> None:
+        """After a sync (Runtime.sync); `before`: the compile count before it, taken while `pending`."""
+        if self.pending and before is not None:
+            self.expected += compile_count() - before
+        self.pending = False
 
     @contextlib.contextmanager
-    def evaluation(self):
-        """The first evaluation compiles its own graph: expected once."""
+    def evaluation(self, rows: int | None = None):
+        """The first evaluation of a row set (`rows`: its size) compiles its own graphs: expected once."""
         before = compile_count() if self.on else 0
         yield
-        if self.on and self.expected is not None and not self._eval_seen:
+        if self.on and self.expected is not None and rows not in self._evals:
             self.expected += compile_count() - before
-            self._eval_seen = True
+            self._evals.add(rows)
 
     def check(self, step: int) -> str | None:
         """The warning (once) when XLA compiled more graphs than expected; None otherwise."""
@@ -277,9 +418,9 @@ class CompileWatch:
             return None
         self.warning = (
             f"XLA compiled {extra} new graph(s) after warm-up (noticed at step {step}); each costs a compile "
-            "(minutes on a TPU). Likely cause: a batch whose shape changed (pad batches to fixed lengths and drop "
-            "the last partial batch), a host read of a device tensor inside the step (.item(), float(), print), "
-            "or a Python value that changes each step traced into the graph.")
+            "(minutes on a TPU). Likely cause: a batch whose shape is none of the bucket shapes (pad batches to "
+            "the bucket lengths and drop the last partial batch), a host read of a device tensor inside the step "
+            "(.item(), float(), print), or a Python value that changes each step traced into the graph.")
         warnings.warn(self.warning, stacklevel=2)
         return self.warning
 

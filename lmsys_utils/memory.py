@@ -766,7 +766,7 @@ def time_plan_from_config(config, target: str, training: bool, rows: int, length
         epochs = steps * step_rows / train_rows
         return plan_time(config.model, target, True, train_rows, lengths, mean_tokens, config.max_length,
                          padding, buckets, batch_size=step_rows, epochs=epochs,
-                         eval_rows=evaluated_rows(steps, config.eval_every, valid) if valid else 0,
+                         eval_rows=evaluated_rows(steps, config.eval_every, valid, config.eval_rows) if valid else 0,
                          quantization=quantization or config.quantization, lora_r=config.lora_r,
                          lora_targets=config.lora_targets, gradient_checkpointing=config.gradient_checkpointing,
                          placement=placement, peak_tflops=peak_tflops, token=token)

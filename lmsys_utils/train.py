@@ -23,12 +23,12 @@ from peft.utils import load_peft_weights, set_peft_model_state_dict
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from .batching import num_train_batches, pad_batch, train_batches
+from .batching import choose_buckets, num_train_batches, sorted_batches, train_batches
 from .config import Config, EncodingSettings
 from .auth import is_local, preflight
 from .data import (LABEL_COLUMNS, distill_targets, load_arena, load_teacher, make_folds, split_train_valid, swap_ab,
                    targets)
-from .device import CompileWatch, Runtime, get_rng_state, memory_target, resolve, set_rng_state
+from .device import CompileWatch, Runtime, get_rng_state, memory_target, resolve, set_rng_state, to_cpu
 from .memory import check_fits, format_plan, plan_from_config
 from .metrics import accuracy, log_loss
 from .files import RUN_FILES, RunLock, atomic_write, check_output_dir, clean_stale_tmp
@@ -66,7 +66,11 @@ class TrainState:
     notices: list = dataclasses.field(default_factory=list)
     """Lines fit() prints before the bar (resume, compile)."""
     valid_probs: Any = None
-    """The latest evaluation's probabilities per validation row (out-of-fold predictions when training a fold)."""
+    """The latest whole-split evaluation's probabilities per validation row (out-of-fold predictions of a fold)."""
+    buckets: tuple | None = None
+    """Padded lengths of training and evaluation batches (XLA; None: each batch padded to its longest row)."""
+    eval_subset: np.ndarray | None = None
+    """Validation rows evaluated during training (None: all); the whole split is evaluated at the end."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -102,7 +106,8 @@ def train(config: Config, token=None, progress_file=None) -> dict:
         clean_stale_tmp(out / "checkpoints")
         if is_local(config.model):
             preflight(config.model)  # a missing or incomplete model folder: one clear message, before anything loads
-        runtime = resolve(config.device, config.dtype)  # on XLA, SPMD must be on before any XLA tensor exists
+        # on XLA, SPMD must be on before any XLA tensor exists, and the compile cache before the first compile
+        runtime = resolve(config.device, config.dtype, compile_cache_dir(config))
         train_df, valid_df = load_training_rows(config, runtime.main)
         check_max_length(config.model, config.max_length, token=token)
         tokenizer = load_tokenizer(config.model, token=token)
@@ -223,7 +228,12 @@ def setup(model, tokenizer, train_df: pd.DataFrame, valid_df: pd.DataFrame | Non
     if config.batch_size % runtime.shards:
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of the {runtime.shards} devices the "
                          "batch is split over; change Config.batch_size")
-    per_epoch = num_train_batches(len(train_seqs), config.batch_size)
+    # XLA compiles one graph per shape: batches are padded to a few lengths that fit the training rows
+    lengths = [len(s) for s in train_seqs]
+    buckets = None
+    if runtime.padding == "buckets":
+        buckets = choose_buckets(lengths, config.max_length, config.length_buckets)
+    per_epoch = num_train_batches(len(train_seqs), config.batch_size, lengths, buckets, config.grad_accum)
     if per_epoch == 0:
         raise ValueError(f"{len(train_seqs)} training rows make no full batch of batch_size={config.batch_size}; "
                          "use more rows or a smaller batch_size")
@@ -255,10 +265,14 @@ def setup(model, tokenizer, train_df: pd.DataFrame, valid_df: pd.DataFrame | Non
             state.step, state.history = saved["step"], saved["history"]
             state.notices.append(f"resume: continuing from step {state.step} of {total_steps} "
                                  f"({latest_checkpoint(ckpt_dir)})")
-    # XLA compiles one graph per shape: every batch gets the same padded length there
-    length = config.max_length if runtime.padding == "buckets" else None
-    state.batches = _micro_batches(train_seqs, train_targets, config.batch_size, tokenizer.pad_token_id, length,
-                                   config.seed, per_epoch, state.step * config.grad_accum)
+    state.buckets = buckets
+    state.history["buckets"] = list(buckets) if buckets else None
+    if valid is not None and config.eval_rows and config.eval_rows < len(valid[0]):
+        # a fixed subset (same rows every time, so evaluations compare); drawn apart from the split's own seed use
+        picked = np.random.default_rng([config.seed, 1]).choice(len(valid[0]), config.eval_rows, replace=False)
+        state.eval_subset = np.sort(picked)
+    state.batches = _micro_batches(train_seqs, train_targets, config.batch_size, tokenizer.pad_token_id, buckets,
+                                   config.seed, per_epoch, state.step * config.grad_accum, config.grad_accum)
     return state
 
 
@@ -276,7 +290,7 @@ def fit(state: TrainState, config: Config, progress_file=None) -> dict:
     # its slot with a multiply by a one-hot row (the same graph every step, unlike indexing with the step)
     slots = [row.to(runtime.device) for row in torch.eye(log_every)]
     loss_buffer = torch.zeros(log_every, device=runtime.device)
-    lrs, watch = {}, CompileWatch(runtime)
+    lrs, watch = {}, CompileWatch(runtime, state.buckets)
     warmup = min(2 if runtime.kind == "xla" else 1, total - start)  # on XLA step 2 compiles once more (AdamW state)
     t_run, last_logged = None, start
     notices = state.notices + [f"Step {start + 1} is being compiled/warmed up before the bar moves: on a TPU the "
@@ -323,15 +337,16 @@ def fit(state: TrainState, config: Config, progress_file=None) -> dict:
 
         new_best = False
         if state.valid and ((config.eval_every and step % config.eval_every == 0) or step == total):
-            with watch.evaluation():
-                metrics = evaluate(state.net, *state.valid, config.batch_size, state.tokenizer.pad_token_id,
-                                   config.max_length if runtime.padding == "buckets" else None, runtime)
-            state.valid_probs = metrics.pop("probs")
-            history["eval"].append({"step": step, **metrics})
-            say(f"step {step}: valid log loss {metrics['log_loss']:.4f}, accuracy {metrics['accuracy']:.3f}")
-            new_best = history["best_log_loss"] is None or metrics["log_loss"] < history["best_log_loss"]
-            if new_best:
-                history["best_step"], history["best_log_loss"] = step, metrics["log_loss"]
+            seqs, targets_ = _eval_split(state, whole=step == total)
+            with watch.evaluation(len(seqs)):
+                metrics = evaluate(state.net, seqs, targets_, config.batch_size, state.tokenizer.pad_token_id,
+                                   state.buckets, runtime)
+            probs, whole = metrics.pop("probs"), len(seqs) == len(state.valid[0])
+            if whole:
+                state.valid_probs = probs
+            new_best = _record_eval(history, step, metrics, len(seqs), whole=whole)
+            say(f"step {step}: valid log loss {metrics['log_loss']:.4f}, accuracy {metrics['accuracy']:.3f} "
+                f"({len(seqs)} rows)")
         # with periodic saving on, a new best is checkpointed too, so the best checkpoint exists between save points
         if config.save_every and (step % config.save_every == 0 or new_best) or step == total:
             save_checkpoint(Path(config.output_dir) / "checkpoints", state, data_position=step * config.grad_accum)
@@ -368,23 +383,44 @@ def train_step(state: TrainState, config: Config) -> torch.Tensor:
     return step_loss
 
 
-def evaluate(model, seqs, targets, batch_size: int, pad_id: int, length: int | None, runtime: Runtime) -> dict:
-    """Validation log loss and accuracy; with a fixed `length` every batch has one shape (one XLA graph)."""
+def evaluate(model, seqs, targets, batch_size: int, pad_id: int, buckets, runtime: Runtime) -> dict:
+    """Validation log loss and accuracy over length-sorted batches of about batch_size x the longest length
+    tokens; with `buckets` (XLA) each batch is padded to a bucket length and filled to its bucket's row count,
+    so each bucket compiles one graph."""
     model.eval()
-    probs = []
+    max_tokens = batch_size * (max(buckets) if buckets else max(map(len, seqs)))
+    parts = []
     with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            chunk = seqs[i:i + batch_size]
-            # on XLA a full last batch keeps the graph's shape
-            batch = runtime.to_device(pad_batch(chunk, pad_id, length, rows=batch_size if length else None))
+        for idx, batch in sorted_batches(seqs, pad_id, max_tokens, buckets=buckets, shards=runtime.shards):
             with runtime.autocast():
-                logits = model(**batch).logits
-            probs.append(torch.softmax(logits.float(), dim=-1))
+                logits = model(**runtime.to_device(batch)).logits
+            parts.append((idx, torch.softmax(logits.float(), dim=-1)))
             runtime.sync()
     # one host transfer for the whole validation set
-    probs = torch.cat(probs).cpu().numpy()[:len(seqs)]
+    probs = np.zeros((len(seqs), 3))
+    for (idx, _), p in zip(parts, to_cpu([p for _, p in parts], runtime.kind)):
+        probs[idx] = p[:len(idx)].numpy()
     model.train()
     return {"log_loss": log_loss(targets, probs), "accuracy": accuracy(targets, probs), "probs": probs}
+
+
+def _eval_split(state: TrainState, whole: bool) -> tuple:
+    """(encoded rows, targets) to evaluate: the fixed subset during training, the whole split when `whole`."""
+    seqs, targets_ = state.valid
+    if whole or state.eval_subset is None:
+        return seqs, targets_
+    return [seqs[i] for i in state.eval_subset], targets_[state.eval_subset]
+
+
+def _record_eval(history: dict, step: int, metrics: dict, rows: int, whole: bool) -> bool:
+    """Add an evaluation to the history; True when it is a new best. Only evaluations of the same rows as the
+    best so far compare (the subset ones during training; the whole split at the end stands alone then)."""
+    history["eval"].append({"step": step, **metrics, "rows": rows, "whole_split": whole})
+    best = next((e for e in history["eval"] if e["step"] == history["best_step"]), None)
+    if best is not None and (best.get("rows", rows) != rows or metrics["log_loss"] >= best["log_loss"]):
+        return False
+    history["best_step"], history["best_log_loss"] = step, metrics["log_loss"]
+    return True
 
 
 def save_checkpoint(ckpt_dir, state: TrainState, data_position: int) -> Path | None:
@@ -393,12 +429,15 @@ def save_checkpoint(ckpt_dir, state: TrainState, data_position: int) -> Path | N
     Keeps this checkpoint and the best one so far. Holds the adapter (loadable for inference), optimizer,
     scheduler, step, data position, RNG states and history.
     """
-    # gather on every process (reading a sharded tensor is collective on a multi-host slice); only main writes
-    adapter = adapter_state_dict(state.model)
+    # gather on every process (reading a sharded tensor is collective on a multi-host slice); only main writes.
+    # The adapter and the optimizer state come over in one device-to-host transfer on XLA.
+    weights = state.model.state_dict()
+    adapter, optimizer = to_cpu(({k: weights[k] for k in adapter_keys(state.model)}, state.optimizer.state_dict()),
+                                state.runtime.kind)
     trainer_state = {
         "step": state.step, "data_position": data_position, "history": state.history,
         "rng": get_rng_state(state.runtime.kind), "trainable": sorted(adapter),  # names only: the values are the adapter's
-        "optimizer": _to_cpu(state.optimizer.state_dict()), "scheduler": state.scheduler.state_dict(),
+        "optimizer": optimizer, "scheduler": state.scheduler.state_dict(),
     }
     if not state.runtime.main:
         return None
@@ -451,24 +490,24 @@ def _new_history(runtime: Runtime, total_steps: int) -> dict:
             "recompile_warning": None}
 
 
-def _micro_batches(seqs, targets, batch_size, pad_id, length, seed, per_epoch, start):
-    """Batches across epochs from data position `start` (micro-batches already consumed by earlier steps)."""
+def _micro_batches(seqs, targets, batch_size, pad_id, buckets, seed, per_epoch, start, group=1):
+    """Batches across epochs from data position `start` (micro-batches already consumed by earlier steps);
+    with `buckets`, each optimizer step's `group` micro-batches share a bucket."""
     epoch, skip = divmod(start, per_epoch)
     while True:
-        yield from train_batches(seqs, targets, batch_size, pad_id, length, seed, epoch, start=skip)
+        yield from train_batches(seqs, targets, batch_size, pad_id, None, seed, epoch, start=skip, buckets=buckets,
+                                 group=group)
         epoch, skip = epoch + 1, 0
-
-
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
 
 
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def compile_cache_dir(config: Config) -> Path | None:
+    """Where XLA keeps compiled graphs for later sessions: Config.compile_cache, under output_dir unless
+    absolute; None when off (only XLA uses it)."""
+    if not config.compile_cache:
+        return None
+    return Path(config.output_dir) / config.compile_cache  # an absolute compile_cache replaces output_dir

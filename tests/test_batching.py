@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lmsys_utils.batching import (bucket_length, num_train_batches, pad_batch, rows_per_batch, sorted_batches,
-                                  train_batches)
+from lmsys_utils.batching import (bucket_length, choose_buckets, num_train_batches, pad_batch, rows_per_batch,
+                                  sorted_batches, train_batches)
 
 PAD = 0
 
@@ -114,3 +114,62 @@ def test_sorted_batches_padding_waste_is_small():
     seqs = make_seqs(lengths)
     padded = sum(b["input_ids"].numel() for _, b in sorted_batches(seqs, PAD, max_tokens=8192))
     assert padded < 1.1 * lengths.sum()
+
+
+def padded_share(lengths, buckets):
+    edges = np.sort(buckets)
+    return edges[np.searchsorted(edges, lengths)].sum() / np.sum(lengths)
+
+
+def test_choose_buckets_pads_least_of_every_choice():
+    lengths = np.random.default_rng(0).lognormal(5.8, 0.9, size=400).astype(int).clip(5, 1024)
+    buckets = choose_buckets(lengths, 1024, count=3)
+    assert len(buckets) == 3 and buckets[-1] == 1024 and all(b % 64 == 0 for b in buckets)
+    # exhaustive check: no other pair of multiples of 64 below 1024 pads fewer tokens
+    others = [(a, b, 1024) for a in range(64, 1024, 64) for b in range(a + 64, 1024, 64)]
+    assert padded_share(lengths, buckets) <= min(padded_share(lengths, o) for o in others) + 1e-12
+    assert choose_buckets(lengths, 1024, count=1) == (1024,)
+    assert padded_share(lengths, choose_buckets(lengths, 1024, 6)) < padded_share(lengths, buckets)
+
+
+def test_choose_buckets_leaves_out_lengths_no_row_needs():
+    assert choose_buckets([10, 20, 30], 256, count=6) == (64, 256)
+    assert choose_buckets([300, 500], 256, count=4) == (256,)  # rows are truncated to max_length
+    assert choose_buckets([100], 100, count=3, multiple=128) == (100,)
+
+
+def test_bucketed_batches_keep_a_step_in_one_bucket_and_resume_exactly():
+    lengths = np.random.default_rng(1).integers(1, 200, size=203)
+    seqs, targets = make_seqs(lengths), np.eye(3)[np.arange(203) % 3]
+    buckets = choose_buckets(lengths, 200, count=3)
+    group, batch_size = 2, 4
+
+    def epoch(e, start=0):
+        return list(train_batches(seqs, targets, batch_size, PAD, None, seed=5, epoch=e, start=start,
+                                  buckets=buckets, group=group))
+
+    first = epoch(0)
+    assert len(first) == num_train_batches(203, batch_size, lengths, buckets, group)
+    assert len(first) % group == 0 and len(first) * batch_size > 203 - batch_size * group  # < one step dropped
+    widths = [b["input_ids"].shape[1] for b in first]
+    assert set(widths) <= set(buckets) and len(set(widths)) > 1
+    assert all(widths[i] == widths[i + 1] for i in range(0, len(widths), group))  # a step shares its bucket
+    seen = []
+    for b in first:
+        assert b["input_ids"].shape == (batch_size, b["input_ids"].shape[1])
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            seen.append(tuple(ids[mask.bool()].tolist()))
+    assert len(seen) == len(set(seen))  # each row at most once
+    # a row moves up to a longer bucket only when its own has no full step left: so most sit in their own
+    own = sum(b["input_ids"].shape[1] == bucket_length(int(m.sum()), buckets)
+              for b in first for m in b["attention_mask"])
+    assert own >= len(seen) - len(buckets) * batch_size * group
+    # buckets are shuffled across the epoch (not all short ones first), deterministic by (seed, epoch)
+    assert widths != sorted(widths) and widths != sorted(widths, reverse=True)
+    same = epoch(0)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, same))
+    assert [b["input_ids"].shape[1] for b in epoch(1)] != widths
+    resumed = epoch(0, start=6)
+    assert len(resumed) == len(first) - 6
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+               for a, b in zip(first[6:], resumed))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmsys_utils import device as dev
+from lmsys_utils.synthetic import ARCHITECTURES, build_tiny_model
 
 
 @pytest.fixture
@@ -104,3 +105,25 @@ def test_only_device_imports_torch_xla_and_only_inside_functions():
     code = "import sys, lmsys_utils.device, lmsys_utils.batching, lmsys_utils.text; print('torch_xla' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_decoder_layer_classes_of_every_architecture(architecture, tmp_path):
+    """The per-layer sharding and XLA checkpointing find each supported architecture's repeated block."""
+    from lmsys_utils.model import add_lora, load_classifier, load_tokenizer
+
+    model_dir = build_tiny_model(tmp_path, architecture=architecture, num_layers=2)
+    model = load_classifier(model_dir, load_tokenizer(model_dir))
+    classes = dev.decoder_layer_classes(model)
+    assert len(classes) == 1 and classes[0].__name__.endswith("Layer")
+    assert sum(isinstance(m, classes) for m in model.modules()) == 2  # each of the 2 layers, nothing else
+    assert dev.decoder_layer_classes(add_lora(model, r=2)) == classes  # found through the PeftModel too
+    with pytest.raises(ValueError, match="decoder-layer class"):
+        dev.decoder_layer_classes(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_to_cpu_copies_nested_tensors():
+    state = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": "text"}
+    out = dev.to_cpu(state, "cpu")
+    assert out["b"] == "text" and out["a"][1][1] == 3 and isinstance(out["a"][1], tuple)
+    assert torch.equal(out["a"][0], torch.ones(2)) and out["a"][0].device.type == "cpu"
