@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pandas as pd
@@ -121,11 +122,34 @@ def _rounds(prompt, response_a, response_b) -> list[tuple[str, str, str]]:
 
 
 def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Ids of each text, no special tokens, never padded or truncated (budgets cut later, per part)."""
     backend = getattr(tokenizer, "_tokenizer", None)
-    if getattr(tokenizer, "is_fast", False) and hasattr(backend, "encode_batch_fast"):
-        # the Rust backend without offsets: the same ids as tokenizer(texts), less work per token
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if getattr(tokenizer, "is_fast", False) and hasattr(backend, "encode_batch"):
+        # the Rust backend: the same ids as tokenizer(texts), less work per token (no offsets with
+        # encode_batch_fast, tokenizers 0.20+); it applies the padding and truncation a tokenizer.json stores
+        # (all-MiniLM-L6-v2: 128), which tokenizer(texts, padding=False) would switch off, so switch them off
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        with _without_padding_and_truncation(backend):
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False, padding=False, truncation=False,
+                     return_attention_mask=False)["input_ids"]
+
+
+@contextlib.contextmanager
+def _without_padding_and_truncation(backend):
+    """Switch off a Rust tokenizer's stored padding and truncation, and restore them after (the caller's object)."""
+    padding, truncation = backend.padding, backend.truncation
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
+        yield backend
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
 
 
 def _marker_ids(tokenizer, template: Template) -> dict:
