@@ -50,8 +50,10 @@ def test_training_notebook_keeps_the_images_torch_pair():
 
 
 @pytest.mark.slow
+@pytest.mark.xla
 def test_all_three_notebooks_run_in_smoke_mode(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
+    pytest.importorskip("torch_xla", reason="02 trains on the XLA CPU device: needs torch_xla (pip install torch-xla)")
     # a token in the environment must never reach an output
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     # only this environment's kernel: a user-level "python3" kernelspec could point at another Python
