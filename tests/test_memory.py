@@ -171,7 +171,8 @@ def test_plan_within_25_percent_of_measured_peak_on_cpu(small_model_dir, trainin
 
 
 @pytest.mark.parametrize("quantization, logit_bound, prob_bound", [("8bit", 0.01, 0.005), ("4bit", 0.05, 0.02)])
-def test_quantized_tiny_model_loads_on_cpu_and_stays_close(tiny_model_dir, quantization, logit_bound, prob_bound):
+def test_quantized_tiny_model_loads_on_cpu_and_stays_close(tiny_model_dir, quantization, logit_bound, prob_bound,
+                                                           cpu_quantization):
     # measured here: max |logit diff| 0.0016 (8-bit) and 0.017 (4-bit) on logits up to 0.32;
     # probabilities within 0.0006 and 0.005
     from lmsys_utils.model import load_classifier, load_tokenizer

@@ -1,7 +1,9 @@
 """Loading the classifier, LoRA, and adapters that save and load exactly (tiny models, built in-process)."""
 
+import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +30,8 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def batch(tokenizer):
     texts = ["Which answer is better? A says yes.", "B: no, because of the reasons above.", "tie"]
-    return dict(tokenizer(texts, padding=True, return_tensors="pt"))
+    # transformers 4.x tokenizers also return token_type_ids, which Llama's forward rejects
+    return dict(tokenizer(texts, padding=True, return_token_type_ids=False, return_tensors="pt"))
 
 
 def trained_lora(tiny_model_dir, tokenizer, batch, steps=3):
@@ -46,8 +49,12 @@ def trained_lora(tiny_model_dir, tokenizer, batch, steps=3):
 
 
 def checkpointed_layers(model):
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
+    """Decoder layers that recompute their activations in the backward pass."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers < 4.52 flags the stack that holds the layers, not each layer
+        return [layer for m in model.modules() if getattr(m, "gradient_checkpointing", False)
+                for layer in getattr(m, "layers", [])]
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
 
 
@@ -145,13 +152,16 @@ def test_round_trip_is_exact(tiny_model_dir, tokenizer, batch, tmp_path, capsys,
 def test_strict_loading(tiny_model_dir, tokenizer, batch, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    out = save_adapter(trained_lora(tiny_model_dir, tokenizer, batch, steps=1), tokenizer, tmp_path / "a", encoding=ENCODING)
-    weights = load_file(out / "adapter_model.safetensors")
+    out = save_adapter(trained_lora(tiny_model_dir, tokenizer, batch, steps=1), tokenizer, tmp_path / "a",
+                       encoding=ENCODING)
+    # copies: older safetensors map the file, and it is rewritten below (a bus error on reading the old map)
+    weights = {k: v.clone() for k, v in load_file(out / "adapter_model.safetensors").items()}
     head = "base_model.model.score.weight"
     assert head in weights
 
     save_file({k: v for k, v in weights.items() if k != head}, out / "adapter_model.safetensors")
-    with pytest.raises(AdapterError, match="is missing 'base_model.model.score.weight'"):
+    # peft >= 0.13 fails looking the head up, older peft reports it missing: either way AdapterError names it
+    with pytest.raises(AdapterError, match=r"missing \[?'base_model\.model\.score\."):
         load_adapter(load_classifier(tiny_model_dir, tokenizer), out)
 
     lora_b = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
@@ -198,7 +208,8 @@ from lmsys_utils.config import EncodingSettings
 from lmsys_utils.model import add_lora, load_classifier, load_for_inference, load_tokenizer, save_adapter
 
 tokenizer = load_tokenizer(sys.argv[1])
-batch = dict(tokenizer(["Which answer is better? A says yes.", "tie"], padding=True, return_tensors="pt"))
+batch = dict(tokenizer(["Which answer is better? A says yes.", "tie"], padding=True, return_token_type_ids=False,
+                       return_tensors="pt"))
 device = xm.xla_device()
 grads = []
 for kind, dev in (("xla", device), ("cpu", "cpu")):
@@ -252,8 +263,8 @@ def test_gradient_checkpointing_and_saving_on_xla(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("quantization, tolerance", [("8bit", 0.02), ("4bit", 0.1)])
-def test_quantized_on_cpu(tiny_model_dir, tokenizer, batch, quantization, tolerance, tmp_path):
-    bnb = pytest.importorskip("bitsandbytes")
+def test_quantized_on_cpu(tiny_model_dir, tokenizer, batch, quantization, tolerance, tmp_path, cpu_quantization):
+    bnb = cpu_quantization
     reference = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
     out = save_adapter(reference, tokenizer, tmp_path / "adapter", encoding=ENCODING)
     quantized, _, _ = load_for_inference(tiny_model_dir, out, quantization=quantization)
@@ -261,3 +272,36 @@ def test_quantized_on_cpu(tiny_model_dir, tokenizer, batch, quantization, tolera
     with torch.no_grad():
         torch.testing.assert_close(quantized(**batch).logits.float(), reference(**batch).logits,
                                    atol=tolerance, rtol=0)
+
+
+def test_adapter_config_keys_this_peft_does_not_know(tiny_model_dir, tokenizer, batch, tmp_path):
+    """A newer peft's keys load when off (peft 0.12 reading 0.21's file) and are refused when they change the model."""
+    model = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
+    with torch.no_grad():
+        before = model(**batch).logits
+    out = save_adapter(model, tokenizer, tmp_path / "adapter")
+    path = out / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "use_future_trick": False, "future_config": None, "future_layers": []}))
+    with torch.no_grad():
+        assert torch.equal(load_adapter(load_classifier(tiny_model_dir, tokenizer), out)(**batch).logits, before)
+    path.write_text(json.dumps({**saved, "use_future_trick": True}))
+    with pytest.raises(AdapterError, match=r"sets use_future_trick=true, which peft .* does not know"):
+        load_adapter(load_classifier(tiny_model_dir, tokenizer), out)
+
+
+def test_inference_tokenizer_comes_from_the_base_with_the_saved_pad(tiny_model_dir, tokenizer, batch, tmp_path):
+    import copy
+
+    eos_padded = copy.deepcopy(tokenizer)
+    eos_padded.pad_token = eos_padded.eos_token
+    model = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
+    out = save_adapter(model, eos_padded, tmp_path / "adapter")
+    # a tokenizer.json this transformers cannot read (as 4.x meets 5.x's): never opened
+    (out / "tokenizer.json").write_text("{not json")
+    _, loaded = load_for_inference(tiny_model_dir, out)
+    assert loaded.pad_token == "<|eos|>" != tokenizer.pad_token
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|not-in-vocab|>"}))
+    with pytest.raises(AdapterError, match=re.escape("pads with '<|not-in-vocab|>', which the base")):
+        load_for_inference(tiny_model_dir, out)

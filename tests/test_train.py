@@ -282,7 +282,7 @@ def test_train_refuses_a_setup_that_cannot_fit_unless_forced(tiny_model_dir, tmp
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, quantization):
+def test_qlora_training_on_quantized_weights(tiny_model_dir, tmp_path, capsys, quantization, cpu_quantization):
     """Config.quantization loads bitsandbytes weights (runs on the CPU here, as on a GPU) and trains LoRA on top."""
     import logging
 
