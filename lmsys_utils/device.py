@@ -293,6 +293,9 @@ def decoder_layer_classes(model) -> tuple:
     # a list item's name ends in its index (after sharding, in the index and the FSDPv2 wrapper's attribute)
     classes = {type(m) for name, m in model.named_modules()
                if type(m).__name__ in names and re.search(r"\.\d+(\._orig_module)?$", name)}
+    if not classes:  # older transformers name none for some models (BERT under 4.44): the longest block list's
+        lists = [m for m in base.modules() if isinstance(m, torch.nn.ModuleList) and len(m)]
+        classes = {type(max(lists, key=len)[0])} if lists else set()
     if not classes:
         raise ValueError(f"{type(base).__name__} names no decoder-layer class (_no_split_modules={sorted(names)}); "
                          "sharding per layer and gradient checkpointing need one: use a transformers model")

@@ -279,6 +279,8 @@ def build_bundle(out_dir, packages=KAGGLE_MISSING, kaggle_user: str = "USERNAME"
         line = install_line(slug, packages)
     else:
         own = next(out.glob("lmsys_utils-*.whl"))
+        # the image's packages older than lmsys-utils needs (huggingface_hub 0.24 under >=0.25, say) are bundled too
+        packages = [*packages, *(name for name in too_old(own, image) if name not in packages)]
         pinned = _download_missing(out, own, list(packages), image, target)
         line = install_line(slug, pinned, exact=True)
         check = check_offline(out, ["lmsys-utils", *pinned], image, target)
@@ -289,6 +291,29 @@ def build_bundle(out_dir, packages=KAGGLE_MISSING, kaggle_user: str = "USERNAME"
         f"Wheels: {', '.join(wheels)}\n" + (f"Offline dry run: {check}\n" if check else "") +
         f"Upload: kaggle datasets create -p {out}  (edit the id in dataset-metadata.json first)\n")
     return Bundle(out, line, wheels, metadata["id"], check)
+
+
+# a bundle cannot replace these: torch_xla X.Y loads only with torch X.Y, and both come with the image's drivers
+IMAGE_PAIR = ("torch", "torch-xla", "torch_xla")
+
+
+def too_old(own_wheel: Path, image: dict) -> list[str]:
+    """The image's packages whose version lmsys-utils' requirements (its wheel's metadata) exclude; refuses an
+    image whose torch (or torch_xla) is too old, which a bundle cannot replace."""
+    with zipfile.ZipFile(own_wheel) as wheel:
+        meta = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = wheel.read(meta).decode().splitlines()
+    requirements = [Requirement(line.split(":", 1)[1]) for line in lines if line.startswith("Requires-Dist:")]
+    found = []
+    for req in requirements:
+        have = image["packages"].get(canonicalize_name(req.name))
+        if have is None or (req.marker and "extra" in str(req.marker)) or req.specifier.contains(have, True):
+            continue
+        if canonicalize_name(req.name) in IMAGE_PAIR:
+            raise ValueError(f"the image's {req.name} {have} is older than lmsys-utils needs ({req.specifier}), and "
+                             "a bundle cannot replace the image's torch/torch_xla pair: use a newer image")
+        found.append(req.name)
+    return found
 
 
 def _keep_dataset_id(path: Path, metadata: dict, default_user: bool) -> dict:

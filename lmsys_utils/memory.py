@@ -140,8 +140,9 @@ def _architecture(config_json: str) -> tuple:
         head_dim=head_dim,
         intermediate=getattr(config, "intermediate_size", 4 * config.hidden_size),
         softcap=bool(getattr(config, "attn_logit_softcapping", None)),
-        # what transformers picks for this class when loading (Gemma-2: eager, as sdpa cannot softcap)
-        attention=model.config._attn_implementation,
+        # what the model runs: eager where the logits are softcapped (model.load_classifier asks for it: sdpa
+        # cannot softcap), else what transformers picks for the class
+        attention="eager" if getattr(config, "attn_logit_softcapping", None) else model.config._attn_implementation,
         masks=len(set(getattr(config, "layer_types", None) or ["full_attention"])),  # Gemma-2: full + sliding
     )
     return tuple(info.items())

@@ -232,9 +232,12 @@ def _python(version: str):
 
 @pytest.mark.slow
 @needs_pypi
-@pytest.mark.parametrize("freeze, packages, python", [(GPU_FREEZE, ["peft", "bitsandbytes"], "3.10"),
-                                                      (TPU_FREEZE, ["peft"], "3.12")])
-def test_bundle_for_an_image_holds_only_what_it_lacks_and_resolves_offline(tmp_path, freeze, packages, python):
+@pytest.mark.parametrize("freeze, packages, python, older", [
+    # the 2024 image's huggingface_hub, matplotlib and tqdm are older than lmsys-utils' minimums: upgraded
+    (GPU_FREEZE, ["peft", "bitsandbytes"], "3.10", {"huggingface-hub", "matplotlib", "tqdm"}),
+    (TPU_FREEZE, ["peft"], "3.12", {"tqdm"}),
+])
+def test_bundle_for_an_image_holds_only_what_it_lacks_and_resolves_offline(tmp_path, freeze, packages, python, older):
     out = tmp_path / "bundle"
     target = _python(python)
     args = ["bundle", "--out", str(out), "--kaggle-user", "someone", "--image-freeze", str(freeze)]
@@ -243,16 +246,17 @@ def test_bundle_for_an_image_holds_only_what_it_lacks_and_resolves_offline(tmp_p
     wheels = sorted(p.name for p in out.glob("*.whl"))
     install = (out / "INSTALL.txt").read_text()
     print(install)  # the dry-run result, for the report
-    image = kaggle.read_freeze(freeze)["packages"]
-    bundled = {re.split(r"-\d", w, maxsplit=1)[0].replace("_", "-") for w in wheels}
-    assert bundled == {"lmsys-utils", *packages}  # every other need is met by the image
+    image = {kaggle.canonicalize_name(n) for n in kaggle.read_freeze(freeze)["packages"]}
+    versions = kaggle.read_freeze(freeze)["packages"]
+    bundled = {re.split(r"-\d", w, maxsplit=1)[0].replace("_", "-").lower() for w in wheels}
+    assert {"lmsys-utils", *packages, *older} <= bundled
+    # anything else bundled is a new dependency the image lacks; nothing the image has in a fitting version
+    assert not {b for b in bundled - {"lmsys-utils", *packages, *older} if b in image}
     assert not bundled & {"torch", "transformers", "numpy", "torch-xla"}
     assert f"Offline dry run: Python {python} manylinux_2_35_x86_64: OK" in install
-    assert f"torch=={image['torch']}" in install and f"transformers=={image['transformers']}" in install
+    assert f"torch=={versions['torch']}" in install and f"transformers=={versions['transformers']}" in install
     line = re.search(r"pip install --no-index [^\n]*", install).group(0)
     assert all(re.search(rf" {p}==\d", line) for p in packages)  # pinned: an image's older peft gets upgraded
-    if python == "3.10":  # the newest peft that the image's huggingface_hub 0.24 admits, not requirements.txt's
-        assert "peft==0.21.2" not in line
 
     # the dry run can fail: without the peft wheel the same line does not resolve offline
     next(out.glob("peft-*.whl")).unlink()
@@ -334,3 +338,16 @@ def test_the_bundle_keeps_the_dataset_id_kaggle_meta_wrote(tmp_path):
     with pytest.raises(ValueError, match="names the dataset someone/lmsys-utils-wheels, not other/lmsys-utils-wheels"):
         kaggle._keep_dataset_id(path, {**meta, "id": "other/lmsys-utils-wheels"}, default_user=False)
     assert path.read_text() == written
+
+
+def test_too_old_lists_what_the_image_must_upgrade_and_refuses_an_old_torch(tmp_path):
+    wheel = tmp_path / "lmsys_utils-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:  # only the metadata matters here
+        z.writestr("lmsys_utils-0.1.0.dist-info/METADATA", "Name: lmsys-utils\nRequires-Dist: torch>=2.4.1\n"
+                   "Requires-Dist: huggingface_hub>=0.25.0\nRequires-Dist: tqdm>=4.68.1\n"
+                   'Requires-Dist: pytest>=8; extra == "dev"\n')
+    image = {"packages": {"torch": "2.4.1", "huggingface-hub": "0.24.6", "tqdm": "4.68.1", "pytest": "7.0"}}
+    assert kaggle.too_old(wheel, image) == ["huggingface_hub"]
+    image["packages"]["torch"] = "2.1.2"
+    with pytest.raises(ValueError, match="torch 2.1.2 is older than lmsys-utils needs"):
+        kaggle.too_old(wheel, image)

@@ -279,7 +279,7 @@ def test_adapter_config_keys_this_peft_does_not_know(tiny_model_dir, tokenizer, 
     model = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
     with torch.no_grad():
         before = model(**batch).logits
-    out = save_adapter(model, tokenizer, tmp_path / "adapter")
+    out = save_adapter(model, tokenizer, tmp_path / "adapter", encoding=ENCODING)
     path = out / "adapter_config.json"
     saved = json.loads(path.read_text())
     path.write_text(json.dumps({**saved, "use_future_trick": False, "future_config": None, "future_layers": []}))
@@ -296,10 +296,10 @@ def test_inference_tokenizer_comes_from_the_base_with_the_saved_pad(tiny_model_d
     eos_padded = copy.deepcopy(tokenizer)
     eos_padded.pad_token = eos_padded.eos_token
     model = trained_lora(tiny_model_dir, tokenizer, batch, steps=1)
-    out = save_adapter(model, eos_padded, tmp_path / "adapter")
+    out = save_adapter(model, eos_padded, tmp_path / "adapter", encoding=ENCODING)
     # a tokenizer.json this transformers cannot read (as 4.x meets 5.x's): never opened
     (out / "tokenizer.json").write_text("{not json")
-    _, loaded = load_for_inference(tiny_model_dir, out)
+    _, loaded, _ = load_for_inference(tiny_model_dir, out)
     assert loaded.pad_token == "<|eos|>" != tokenizer.pad_token
     config = json.loads((out / "tokenizer_config.json").read_text())
     (out / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<|not-in-vocab|>"}))
