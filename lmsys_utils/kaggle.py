@@ -280,7 +280,8 @@ def build_bundle(out_dir, packages=KAGGLE_MISSING, kaggle_user: str = "USERNAME"
     else:
         own = next(out.glob("lmsys_utils-*.whl"))
         # the image's packages older than lmsys-utils needs (huggingface_hub 0.24 under >=0.25, say) are bundled too
-        packages = [*packages, *(name for name in too_old(own, image) if name not in packages)]
+        named = {canonicalize_name(_name(p)) for p in packages}
+        packages = [*packages, *(spec for spec in too_old(own, image) if canonicalize_name(_name(spec)) not in named)]
         pinned = _download_missing(out, own, list(packages), image, target)
         line = install_line(slug, pinned, exact=True)
         check = check_offline(out, ["lmsys-utils", *pinned], image, target)
@@ -298,8 +299,10 @@ IMAGE_PAIR = ("torch", "torch-xla", "torch_xla")
 
 
 def too_old(own_wheel: Path, image: dict) -> list[str]:
-    """The image's packages whose version lmsys-utils' requirements (its wheel's metadata) exclude; refuses an
-    image whose torch (or torch_xla) is too old, which a bundle cannot replace."""
+    """Requirements that upgrade the image's packages older than lmsys-utils needs (its wheel's metadata), each
+    pinned to the declared minimum: the version `make test-min` tests beside the image-era libraries. A newer one
+    could break the image's other packages, whose own requirements the offline resolution cannot see (transformers
+    4.44 needs huggingface_hub < 1.0). Refuses an image whose torch (or torch_xla) is too old."""
     with zipfile.ZipFile(own_wheel) as wheel:
         meta = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
         lines = wheel.read(meta).decode().splitlines()
@@ -312,7 +315,8 @@ def too_old(own_wheel: Path, image: dict) -> list[str]:
         if canonicalize_name(req.name) in IMAGE_PAIR:
             raise ValueError(f"the image's {req.name} {have} is older than lmsys-utils needs ({req.specifier}), and "
                              "a bundle cannot replace the image's torch/torch_xla pair: use a newer image")
-        found.append(req.name)
+        floor = next((spec.version for spec in req.specifier if spec.operator in (">=", "~=", "==")), None)
+        found.append(f"{req.name}=={floor}" if floor else req.name)
     return found
 
 

@@ -257,6 +257,8 @@ def test_bundle_for_an_image_holds_only_what_it_lacks_and_resolves_offline(tmp_p
     assert f"torch=={versions['torch']}" in install and f"transformers=={versions['transformers']}" in install
     line = re.search(r"pip install --no-index [^\n]*", install).group(0)
     assert all(re.search(rf" {p}==\d", line) for p in packages)  # pinned: an image's older peft gets upgraded
+    if python == "3.10":  # upgraded only to lmsys-utils' tested minimums: transformers 4.44 needs huggingface_hub < 1
+        assert "huggingface_hub==0.25.0" in line and "matplotlib==3.8.1" in line and "tqdm==4.68.1" in line
 
     # the dry run can fail: without the peft wheel the same line does not resolve offline
     next(out.glob("peft-*.whl")).unlink()
@@ -347,7 +349,7 @@ def test_too_old_lists_what_the_image_must_upgrade_and_refuses_an_old_torch(tmp_
                    "Requires-Dist: huggingface_hub>=0.25.0\nRequires-Dist: tqdm>=4.68.1\n"
                    'Requires-Dist: pytest>=8; extra == "dev"\n')
     image = {"packages": {"torch": "2.4.1", "huggingface-hub": "0.24.6", "tqdm": "4.68.1", "pytest": "7.0"}}
-    assert kaggle.too_old(wheel, image) == ["huggingface_hub"]
+    assert kaggle.too_old(wheel, image) == ["huggingface_hub==0.25.0"]  # the tested minimum, nothing newer
     image["packages"]["torch"] = "2.1.2"
     with pytest.raises(ValueError, match="torch 2.1.2 is older than lmsys-utils needs"):
         kaggle.too_old(wheel, image)
