@@ -10,31 +10,20 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from .data import LABEL_COLUMNS, ArenaDataError, parse_ids
+from .data import LABEL_COLUMNS, ArenaDataError, read_id_table, read_probabilities
 from .metrics import log_loss, normalize_probs
-from .predict import write_submission
+from .predict import read_file_ids, write_submission
 
 
 def read_preds(path) -> tuple[pd.Series, np.ndarray]:
     """Ids and probabilities (rows renormalized) of a submission-format file `id,winner_model_a,...`."""
-    path = Path(path)
-    raw = _read_table(path, "predictions")
-    probs = raw[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ArenaDataError(
-            f"{path}: {bad.sum()} row(s) are not probabilities (finite, non-negative, not all zero), first at "
-            f"row {row + 1}, id {raw['id'][row]}: {raw.loc[row, list(LABEL_COLUMNS)].tolist()}. Write softmax "
-            "outputs."
-        )
-    return raw["id"], normalize_probs(probs)
+    return read_probabilities(path, "predictions")
 
 
 def read_labels(path) -> tuple[pd.Series, np.ndarray]:
     """Ids and class ids (0 A, 1 B, 2 tie) of a labeled file: train.csv or any CSV with id and the winner_* columns."""
     path = Path(path)
-    raw = _read_table(path, "labels")
+    raw = read_id_table(path, "labels")
     values = raw[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isin(values, (0.0, 1.0)).all(axis=1) | (values.sum(axis=1) != 1)
     if bad.any():
@@ -42,23 +31,6 @@ def read_labels(path) -> tuple[pd.Series, np.ndarray]:
         raise ArenaDataError(f"{path}: {bad.sum()} row(s) are not one-hot labels, first at row {row + 1}, id "
                              f"{raw['id'][row]}: {raw.loc[row, list(LABEL_COLUMNS)].tolist()}.")
     return raw["id"], values.argmax(axis=1)
-
-
-def _read_table(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise ArenaDataError(f"{path}: no such {what} file.")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ArenaDataError(f"{path}: not a readable CSV ({e}).") from None
-    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in raw.columns]
-    if missing:
-        raise ArenaDataError(f"{path}: missing column(s) {', '.join(missing)}; {what} files hold "
-                             f"id,{','.join(LABEL_COLUMNS)}.")
-    if raw.empty:
-        raise ArenaDataError(f"{path}: no rows.")
-    raw["id"] = parse_ids(raw["id"], path)
-    return raw
 
 
 def align_preds(paths) -> tuple[pd.Series, list[np.ndarray]]:
@@ -224,6 +196,5 @@ def apply_blend_files(blend_path, pred_paths, out, data=None) -> pd.DataFrame:
     probs = apply_blend({"weights": weights, "temperature": temperature}, preds)
     expected = ids
     if data is not None:
-        raw = pd.read_csv(data, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig")
-        expected = parse_ids(raw["id"], Path(data))
+        expected = read_file_ids(data)
     return write_submission(ids, probs, out, expected_ids=expected)

@@ -374,6 +374,43 @@ def make_folds(df: pd.DataFrame, k: int = 5, seed: int = 42) -> pd.Series:
     return pd.Series(folds, index=df.index, name="fold")
 
 
+def read_id_table(path, what: str) -> pd.DataFrame:
+    """A CSV of id and the three label columns, as text (ids through parse_ids), refused with one clear error
+    when it is missing, unreadable, lacks a column or has no rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArenaDataError(f"{path}: no such {what} file.")
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ArenaDataError(f"{path}: not a readable CSV ({e}).") from None
+    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in raw.columns]
+    if missing:
+        raise ArenaDataError(f"{path}: missing column(s) {', '.join(missing)}; {what} files hold "
+                             f"id,{','.join(LABEL_COLUMNS)}.")
+    if raw.empty:
+        raise ArenaDataError(f"{path}: no rows.")
+    raw["id"] = parse_ids(raw["id"], path)
+    return raw
+
+
+def read_probabilities(path, what: str = "predictions") -> tuple[pd.Series, np.ndarray]:
+    """Ids and row-normalized probabilities of a CSV of id and the three label columns (a submission, an
+    oof.csv, a teacher); a row that is not probabilities (non-finite, negative as logits are, all zero) is
+    refused with its row and id."""
+    raw = read_id_table(path, what)
+    probs = raw[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (probs.sum(axis=1) <= 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ArenaDataError(
+            f"{path}: {bad.sum()} row(s) are not probabilities (finite, non-negative, not all zero), first at "
+            f"row {row + 1}, id {raw['id'][row]}: {raw.loc[row, list(LABEL_COLUMNS)].tolist()}. Write softmax "
+            "outputs, not logits."
+        )
+    return raw["id"], probs / probs.sum(axis=1, keepdims=True)
+
+
 def load_teacher(path, ids, fallback: bool = False) -> np.ndarray:
     """A teacher's probabilities (CSV of id and the three label columns) aligned to `ids`, shape (N, 3).
 
@@ -381,29 +418,8 @@ def load_teacher(path, ids, fallback: bool = False) -> np.ndarray:
     renormalized to sum to 1. Ids the teacher lacks raise ArenaDataError with the count and a few ids, or
     with `fallback` become NaN rows (the count is printed) for the caller to replace by hard labels.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ArenaDataError(f"{path}: no such teacher file; give a CSV of id,{','.join(LABEL_COLUMNS)}.")
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    missing = [c for c in ("id", *LABEL_COLUMNS) if c not in raw.columns]
-    if missing:
-        raise ArenaDataError(f"{path}: missing column(s) {', '.join(missing)}; a teacher file holds "
-                             f"id,{','.join(LABEL_COLUMNS)} (a submission or oof.csv file).")
-    dup = raw["id"][raw["id"].duplicated()]
-    if len(dup):
-        raise ArenaDataError(f"{path}: {dup.nunique()} duplicate id(s) (e.g. {', '.join(dup.head(5))}); "
-                             "keep one row per id.")
-    probs = raw[list(LABEL_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    sums = probs.sum(axis=1)
-    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (np.abs(sums - 1) > 0.01)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0])
-        raise ArenaDataError(
-            f"{path}: {bad.sum()} row(s) are not probabilities (non-negative, summing to 1), first at row "
-            f"{row + 1}, id {raw['id'][row]}: {raw.loc[row, list(LABEL_COLUMNS)].tolist()}. Write softmax "
-            "outputs, not logits."
-        )
-    table = pd.DataFrame(probs / sums[:, None], index=raw["id"].str.strip())
+    teacher_ids, probs = read_probabilities(path, "teacher")
+    table = pd.DataFrame(probs, index=teacher_ids.astype(str).str.strip())
     wanted = pd.Index([str(i) for i in ids])
     absent = wanted[~wanted.isin(table.index)]
     if len(absent) and not fallback:

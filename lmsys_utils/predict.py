@@ -239,7 +239,7 @@ def predict(data_path, model, adapter=None, out="submission.csv", tta: bool = Fa
                           progress=progress)
     if rules:
         probs = apply_rules(df, probs)
-    ids, expected = df["id"], _file_ids(data_path)
+    ids, expected = df["id"], read_file_ids(data_path)
     dropped = expected[~expected.isin(ids)]
     if len(dropped):
         # a row the parser cannot read still needs a line in the submission: give it the uniform guess
@@ -269,7 +269,8 @@ def load_models(name_or_path, adapter=None, token=None, runtime: Runtime | None 
     return [runtime.prepare_model(model)], tokenizer, encoding
 
 
-def _file_ids(path) -> pd.Series:
+def read_file_ids(path) -> pd.Series:
+    """Every id of a CSV, exactly as written (the ids a submission for it must hold)."""
     # read as load_arena reads (compression inferred, bad bytes replaced) so both see the same ids
     raw = pd.read_csv(path, usecols=["id"], dtype=str, keep_default_na=False, encoding="utf-8-sig",
                       encoding_errors="replace")
