@@ -12,7 +12,7 @@ from scipy.optimize import minimize
 
 from .data import LABEL_COLUMNS, ArenaDataError, read_id_table, read_probabilities
 from .metrics import log_loss, normalize_probs
-from .predict import read_file_ids, write_submission
+from .predict import predict, read_file_ids, write_submission
 
 
 def read_preds(path) -> tuple[pd.Series, np.ndarray]:
@@ -198,3 +198,28 @@ def apply_blend_files(blend_path, pred_paths, out, data=None) -> pd.DataFrame:
     if data is not None:
         expected = read_file_ids(data)
     return write_submission(ids, probs, out, expected_ids=expected)
+
+
+def predict_blend(data_path, pairs, out, blend=None, work_dir=None, **predict_kwargs) -> pd.DataFrame:
+    """Predict a test CSV with each (model, adapter) pair in turn, one model in memory at a time, and write one
+    checked submission: their predictions blended with `blend` (a blend.json fitted on the same models'
+    out-of-fold predictions, in the same order) or, without one, with equal weights on the log-probabilities.
+
+    Each pair's own submission-format predictions stay in `work_dir` (default: beside `out`) as pred_<i>.csv.
+    `predict_kwargs` go to `predict.predict` (tta, max_length, quantization, device, ...).
+    """
+    if not pairs:
+        raise ValueError("predict_blend needs at least one (model, adapter) pair")
+    out = Path(out)
+    work = Path(work_dir) if work_dir else out.parent / f"{out.stem}_models"
+    work.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (model, adapter) in enumerate(pairs):
+        files.append(work / f"pred_{i}.csv")
+        print(f"model {i + 1} of {len(pairs)}: {model}" + (f" + {adapter}" if adapter else ""))
+        predict(data_path, model, adapter=adapter, out=files[-1], **predict_kwargs)
+    if blend is None:
+        blend = work / "equal_weights.json"
+        blend.write_text(json.dumps({"weights": [1 / len(files)] * len(files), "temperature": 1.0,
+                                     "inputs": [str(f) for f in files]}, indent=2))
+    return apply_blend_files(blend, files, out, data=data_path)

@@ -164,3 +164,34 @@ def test_blend_cli_unlabeled_ids(tmp_path, capsys):
     preds = _write(tmp_path / "p.csv", [1, 2, 9], np.full((3, 3), 1 / 3))
     assert main(["blend", "--labels", str(labels), "--preds", str(preds), "--out", str(tmp_path / "b.json")]) == 1
     assert "no label for 1 predicted id(s) (9)" in capsys.readouterr().err
+
+
+def test_predict_blend_runs_each_model_and_writes_one_checked_submission(tiny_model_dir, arena_test_path, tmp_path):
+    import torch
+
+    from lmsys_utils.blend import predict_blend
+    from lmsys_utils.config import EncodingSettings
+    from lmsys_utils.model import add_lora, load_for_inference, save_adapter
+
+    adapters = []
+    for seed in (0, 1):  # two different "trained" adapters on the same base
+        base, tokenizer, _ = load_for_inference(tiny_model_dir)
+        lora = add_lora(base, r=4, alpha=8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name or "score" in name:
+                    p.normal_(0, 0.5)
+        adapters.append(save_adapter(lora, tokenizer, tmp_path / f"adapter{seed}", encoding=EncodingSettings(128)))
+    pairs = [(str(tiny_model_dir), a) for a in adapters]
+    out = tmp_path / "submission.csv"
+    sub = predict_blend(arena_test_path, pairs, out, device="cpu", progress=False)
+    a, b = (read_preds(tmp_path / "submission_models" / f"pred_{i}.csv")[1] for i in (0, 1))
+    assert not np.allclose(a, b, atol=1e-3)  # the two models differ, so the blend is not either one
+    np.testing.assert_allclose(sub.iloc[:, 1:].to_numpy(), apply_blend({"weights": [0.5, 0.5], "temperature": 1.0},
+                                                                       [a, b]), atol=1e-9)
+    assert sub["id"].tolist() == [136060, 211333, 1233961]
+    (tmp_path / "fitted.json").write_text(json.dumps({"weights": [1.0, 0.0], "temperature": 1.0}))
+    only_first = predict_blend(arena_test_path, pairs, tmp_path / "first.csv", blend=tmp_path / "fitted.json",
+                               device="cpu", progress=False)
+    np.testing.assert_allclose(only_first.iloc[:, 1:].to_numpy(), a, atol=1e-9)
