@@ -178,7 +178,7 @@ def test_bad_slug_and_missing_checkout_are_clear_errors(tmp_path):
 def test_image_freeze_files_are_read_with_their_python_and_platform(tmp_path):
     image = kaggle.read_freeze(GPU_FREEZE)
     assert (image["python"], image["platform"]) == ("3.10.14", "manylinux_2_35_x86_64")
-    assert image["packages"]["torch"] == "2.4.0" and image["packages"]["peft"] == "0.12.0"
+    assert image["packages"]["torch"] == "2.4.1" and image["packages"]["peft"] == "0.12.0"
     assert image["packages"]["jinja2"] == "3.1.4"  # names are normalized as pip does
     tpu = kaggle.read_freeze(TPU_FREEZE)
     assert tpu["python"] == "3.12.11" and tpu["packages"]["torch-xla"] == "2.8.0"
