@@ -49,8 +49,6 @@ class Runtime:
     """Whether this process prints and writes (process 0 of a multi-host TPU slice or torchrun)."""
     padding: str = "dynamic"
     """"buckets": a few fixed lengths, one compiled graph each (XLA); "dynamic": pad to the longest row."""
-    watchers: list = dataclasses.field(default_factory=list, repr=False, compare=False)
-    """The running loop's CompileWatch (XLA), told of every batch sent to the device and every sync."""
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -71,10 +69,7 @@ class Runtime:
         if self.kind == "xla":
             import torch_xla
 
-            before = compile_count() if any(w.pending for w in self.watchers) else None
             torch_xla.sync()
-            for w in self.watchers:
-                w.synced(before)
 
     def wait(self) -> None:
         """Block until queued device work is done (only for timing; never in the hot loop)."""
@@ -95,8 +90,6 @@ class Runtime:
 
             for v in batch.values():
                 xs.mark_sharding(v, mesh, (MESH_AXES,) + (None,) * (v.dim() - 1))
-        for w in self.watchers:
-            w.saw(batch)
         return batch
 
     def prepare_model(self, model):
@@ -372,8 +365,6 @@ class CompileWatch:
         self.pending = False
         """A new bucket's batch went to the device: the next sync's compiles are expected."""
         self._shapes, self._evals = set(), set()
-        if self.on:
-            runtime.watchers[:] = [self]
 
     def warmed_up(self) -> None:
         """Every compile so far was expected (the first steps)."""
@@ -388,8 +379,8 @@ class CompileWatch:
                           "compile_cache=None to stop writing it", stacklevel=2)
 
     def saw(self, batch: dict) -> None:
-        """A batch goes to the device (Runtime.to_device): the first training batch of a bucket width after
-        warm-up makes the next sync's compiles expected."""
+        """A training batch went to the device: the first one of a bucket width after warm-up makes the
+        compiles of the next sync (`syncing`) expected."""
         if self.expected is None or "labels" not in batch:
             return
         shape = tuple(batch["input_ids"].shape)
@@ -397,9 +388,12 @@ class CompileWatch:
             self._shapes.add(shape)
             self.pending = True
 
-    def synced(self, before: int | None) -> None:
-        """After a sync (Runtime.sync); `before`: the compile count before it, taken while `pending`."""
-        if self.pending and before is not None:
+    @contextlib.contextmanager
+    def syncing(self):
+        """Around the step's sync: when a new bucket's batch went out, the graphs it compiles are expected."""
+        before = compile_count() if self.on and self.pending else None
+        yield
+        if before is not None:
             self.expected += compile_count() - before
         self.pending = False
 

@@ -304,11 +304,12 @@ def fit(state: TrainState, config: Config, progress_file=None) -> dict:
     state.net.train()
     t0 = time.perf_counter()
     for step in range(start + 1, total + 1):
-        loss = train_step(state, config)
+        loss = train_step(state, config, watch)
         lrs[step] = state.scheduler.get_last_lr()[0]
         state.scheduler.step()
         loss_buffer = loss_buffer + slots[(step - 1) % log_every] * (loss - loss_buffer)
-        runtime.sync()  # the one sync per step: XLA cuts the graph here and runs it asynchronously
+        with watch.syncing():
+            runtime.sync()  # the one sync per step: XLA cuts the graph here and runs it asynchronously
         state.step = step
 
         if step == start + warmup:
@@ -357,12 +358,17 @@ def fit(state: TrainState, config: Config, progress_file=None) -> dict:
     return history
 
 
-def train_step(state: TrainState, config: Config) -> torch.Tensor:
-    """One optimizer step over `grad_accum` micro-batches; returns the step's mean loss, on the device."""
+def train_step(state: TrainState, config: Config, watch: CompileWatch | None = None) -> torch.Tensor:
+    """One optimizer step over `grad_accum` micro-batches; returns the step's mean loss, on the device.
+
+    `watch` is told of each batch sent, so a new bucket's compiles count as expected (XLA).
+    """
     runtime, scaler = state.runtime, state.scaler
     step_loss = 0
     for _ in range(config.grad_accum):
         batch = runtime.to_device(next(state.batches))
+        if watch is not None:
+            watch.saw(batch)
         with runtime.autocast():
             logits = state.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # labels are target probabilities (B x 3): hard labels are one-hot, soft ones come from a teacher
