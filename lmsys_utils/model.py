@@ -41,13 +41,9 @@ def load_tokenizer(name_or_path, token: str | None = None):
     return ensure_pad_token(AutoTokenizer.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token)))
 
 
-def _config(name_or_path, token: str | None = None):
-    return AutoConfig.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token))
-
-
 def check_max_length(name_or_path, max_length: int, token: str | None = None) -> None:
     """Refuse a max_length beyond the model's position limit (positions past it were never trained, or crash)."""
-    config = _config(name_or_path, token)
+    config = AutoConfig.from_pretrained(str(name_or_path), token=_token_for(name_or_path, token))
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and max_length > limit:
         raise ValueError(f"max_length={max_length} is beyond the {limit} positions of {name_or_path} "
@@ -70,12 +66,14 @@ def load_classifier(name_or_path, tokenizer, token: str | None = None, dtype="au
     """
     check_quantization(quantization, kind)
     dtype = resolve_dtype(dtype, kind)
+    token = _token_for(name_or_path, token)  # access checked once, for the config and the weights
+    config = AutoConfig.from_pretrained(str(name_or_path), token=token)
     kwargs = dict(num_labels=3, id2label=ID2LABEL, label2id=LABEL2ID, pad_token_id=tokenizer.pad_token_id,
-                  token=_token_for(name_or_path, token), output_loading_info=True)
+                  token=token, output_loading_info=True)
     kwargs[_dtype_kwarg()] = dtype
     # eager on XLA (sdpa reads a tensor on the host every step), and where attention logits are softcapped
     # (Gemma-2): sdpa cannot softcap, and transformers 4.4x picks it anyway
-    if kind == "xla" or getattr(_config(name_or_path, token), "attn_logit_softcapping", None):
+    if kind == "xla" or getattr(config, "attn_logit_softcapping", None):
         kwargs["attn_implementation"] = "eager"
     if quantization:
         kwargs["quantization_config"] = (
